@@ -1,0 +1,3 @@
+from fastca.cli.main import main
+
+main()

@@ -1,0 +1,200 @@
+"""`fastca init`: create or import a CA into a state directory.
+
+Every path ends with the same files (see fastca.ca.state) and never
+destroys an existing CA unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from fastca.ca import hsm, softhsm
+from fastca.ca.certificates import ca_csr, self_signed_root
+from fastca.ca.material import (load_ca, load_pem_certificates, open_signer, validate_material)
+from fastca.ca.state import (CERT_CHAIN_FILE, CONFIG_FILE, ROOT_CERT_FILE, SIGNING_CERT_FILE, CAConfig,
+                             IssuanceConfig, SignerConfig)
+from fastca.errors import ConfigurationError
+from fastca.signing.pkcs11_uri import Pkcs11Uri
+
+__all__ = ["InitOptions", "init_ca", "install_cert", "EMBEDDED_TOKEN_LABEL", "EMBEDDED_KEY_LABEL"]
+
+EMBEDDED_TOKEN_LABEL = "fastca"
+EMBEDDED_KEY_LABEL = "fastca-ca"
+_SOFTWARE_KEY_FILE = "ca-key.pem"
+_PIN_FILE = "pin"
+_SO_PIN_FILE = "so-pin"
+# Everything `init --force` may replace in a state directory it created.
+_OWNED = (CONFIG_FILE, SIGNING_CERT_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE, _PIN_FILE, _SO_PIN_FILE,
+          "softhsm2.conf", "tokens", _SOFTWARE_KEY_FILE, "ca.csr")
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    trust_domain: str = "cluster.local"
+    key_type: str = "ec-p256"
+    key_uri: str | None = None               # an existing HSM's key (found or generated there)
+    software_key: bool = False               # keep the key in a 0600 PEM file instead of an HSM
+    import_istio_cacerts: Path | None = None
+    csr_out: Path | None = None
+    force: bool = False
+    root_lifetime_days: int = 3650
+    issuance: IssuanceConfig = IssuanceConfig()
+
+
+def _write_pem(path: Path, certificates: list[x509.Certificate]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates))
+    tmp.replace(path)
+
+
+def _prepare_state_dir(state_dir: Path, force: bool) -> None:
+    if (state_dir / CONFIG_FILE).exists():
+        if not force:
+            raise ConfigurationError(f"{state_dir} already holds a CA; pass --force to replace it "
+                                     "(its key and certificates will be destroyed)")
+        for name in _OWNED:
+            target = state_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _embedded_token(state_dir: Path) -> tuple[Pkcs11Uri, Path]:
+    conf = softhsm.write_softhsm_conf(state_dir)
+    user_pin, so_pin = softhsm.new_pin(), softhsm.new_pin()
+    softhsm.write_secret_file(state_dir / _PIN_FILE, user_pin)
+    softhsm.write_secret_file(state_dir / _SO_PIN_FILE, so_pin)
+    softhsm.init_token(conf, EMBEDDED_TOKEN_LABEL, so_pin, user_pin)
+    uri = Pkcs11Uri(token=EMBEDDED_TOKEN_LABEL, object=EMBEDDED_KEY_LABEL, type="private",
+                    module_path=softhsm.find_softhsm_module(),
+                    pin_source=f"file:{(state_dir / _PIN_FILE).resolve()}")
+    return uri, conf
+
+
+def _load_istio_cacerts(directory: Path) -> tuple[object, list[x509.Certificate], list[x509.Certificate],
+                                                  list[x509.Certificate]]:
+    """(key, signing cert(s), chain, roots) from an Istio `cacerts` directory
+    (ca-cert.pem/ca-key.pem/cert-chain.pem/root-cert.pem, or tls.crt/tls.key/ca.crt)."""
+    if (directory / "ca-key.pem").exists():
+        key_file, cert_file, chain_file, root_file = "ca-key.pem", "ca-cert.pem", "cert-chain.pem", "root-cert.pem"
+    elif (directory / "tls.key").exists():
+        key_file, cert_file, chain_file, root_file = "tls.key", "tls.crt", "tls.crt", "ca.crt"
+    else:
+        raise ConfigurationError(f"{directory} holds neither ca-key.pem nor tls.key (Istio cacerts layout)")
+    try:
+        key = serialization.load_pem_private_key((directory / key_file).read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigurationError(f"{directory / key_file} is not an unencrypted PEM private key "
+                                 "(PKCS#1, SEC1 or PKCS#8)") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise ConfigurationError("only RSA and EC CA keys can be imported")
+    signing = load_pem_certificates(directory / cert_file)
+    chain = load_pem_certificates(directory / chain_file) if (directory / chain_file).exists() else []
+    roots = load_pem_certificates(directory / root_file)
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, pub)
+            != signing[0].public_key().public_bytes(serialization.Encoding.DER, pub)):
+        raise ConfigurationError(f"{key_file} is not the key of {cert_file}")
+    return key, signing, chain, roots
+
+
+def init_ca(state_dir: Path, options: InitOptions, now: dt.datetime | None = None) -> CAConfig:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if options.key_type not in hsm.KEY_TYPES:
+        raise ConfigurationError(f"unknown key type {options.key_type!r}; choose one of {', '.join(hsm.KEY_TYPES)}")
+    imported = _load_istio_cacerts(options.import_istio_cacerts) if options.import_istio_cacerts else None
+    if imported is not None:
+        validate_material(imported[1][0], imported[2], imported[3], now)
+    _prepare_state_dir(state_dir, options.force)
+
+    softhsm_conf: Path | None = None
+    if options.software_key:
+        signer_config = SignerConfig(backend="software", key_file=_SOFTWARE_KEY_FILE, key_type=options.key_type)
+        key = imported[0] if imported else _new_software_key(options.key_type)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,  # type: ignore[attr-defined]
+                                serialization.NoEncryption()).decode()
+        softhsm.write_secret_file(state_dir / _SOFTWARE_KEY_FILE, pem.rstrip("\n"))
+    else:
+        if options.key_uri:
+            uri = Pkcs11Uri.parse(options.key_uri)
+        else:
+            uri, softhsm_conf = _embedded_token(state_dir)
+        conf_text = str(softhsm_conf.resolve()) if softhsm_conf else None
+        if imported is not None:
+            if hsm.key_exists(uri, conf_text):
+                raise ConfigurationError(f"the token already holds a key matching {uri}; choose another object=")
+            hsm.import_private_key(uri, imported[0], conf_text)
+        elif not hsm.key_exists(uri, conf_text):
+            hsm.generate_key(uri, options.key_type, conf_text)
+        signer_config = SignerConfig(
+            backend="pkcs11", key_uri=str(uri),
+            softhsm_conf=softhsm_conf.name if softhsm_conf else None,
+            key_type=None if imported else options.key_type)
+
+    config = CAConfig(trust_domain=options.trust_domain, signer=signer_config, issuance=options.issuance)
+
+    if imported is not None:
+        _, signing, chain, roots = imported
+        _write_pem(state_dir / SIGNING_CERT_FILE, signing[:1])
+        _write_pem(state_dir / CERT_CHAIN_FILE, chain or signing[:1])
+        _write_pem(state_dir / ROOT_CERT_FILE, roots)
+    else:
+        signer = open_signer(config, state_dir)
+        try:
+            if options.csr_out is not None:
+                request = ca_csr(signer, options.trust_domain)
+                options.csr_out.write_bytes(request.public_bytes(serialization.Encoding.PEM))
+                config = replace(config, pending_csr=str(options.csr_out.resolve()))
+            else:
+                root = self_signed_root(signer, options.trust_domain, now=now,
+                                        lifetime=dt.timedelta(days=options.root_lifetime_days))
+                for name in (SIGNING_CERT_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE):
+                    _write_pem(state_dir / name, [root])
+        finally:
+            signer.close()
+    config.save(state_dir)
+    if config.pending_csr is None:
+        load_ca(state_dir, now).close()  # prove the new CA loads and its key matches
+    return config
+
+
+def install_cert(state_dir: Path, cert: Path, chain: Path | None, root: Path,
+                 now: dt.datetime | None = None) -> CAConfig:
+    """Finish `init --csr-out`: install the certificate the upstream CA issued."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    config = CAConfig.load(state_dir)
+    signing = load_pem_certificates(cert)
+    chain_certs = load_pem_certificates(chain) if chain else []
+    roots = load_pem_certificates(root)
+    validate_material(signing[0], chain_certs or signing[1:], roots, now)
+    signer = open_signer(config, state_dir)
+    try:
+        pub = serialization.PublicFormat.SubjectPublicKeyInfo
+        if (signer.public_key.public_bytes(serialization.Encoding.DER, pub)
+                != signing[0].public_key().public_bytes(serialization.Encoding.DER, pub)):
+            raise ConfigurationError(f"{cert} is not a certificate for this CA's key")
+    finally:
+        signer.close()
+    _write_pem(state_dir / SIGNING_CERT_FILE, signing[:1])
+    _write_pem(state_dir / CERT_CHAIN_FILE, [signing[0], *(chain_certs or signing[1:])])
+    _write_pem(state_dir / ROOT_CERT_FILE, roots)
+    config = replace(config, pending_csr=None)
+    config.save(state_dir)
+    load_ca(state_dir, now).close()
+    return config
+
+
+def _new_software_key(key_type: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    kind, size = hsm.KEY_TYPES[key_type]
+    if kind.name == "EC":
+        return ec.generate_private_key(ec.SECP256R1() if size == "secp256r1" else ec.SECP384R1())
+    return rsa.generate_private_key(public_exponent=65537, key_size=size)

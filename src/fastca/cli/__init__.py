@@ -1,0 +1,1 @@
+"""The `fastca` command line."""

@@ -1,0 +1,187 @@
+"""`fastca` — init | issue | inspect | hsm list.
+
+Errors from fastca's own tree print as one line (their public text) and exit
+with status 2; nothing prints a PIN or key.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from fastca.ca.state import IssuanceConfig, default_state_dir
+from fastca.cli import inspect_cmd
+from fastca.errors import ConfigurationError, FastcaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="fastca: a high-performance CA for service meshes, with its key in an HSM.")
+hsm_app = typer.Typer(no_args_is_help=True, help="Look at PKCS#11 modules and tokens.")
+app.add_typer(hsm_app, name="hsm")
+err = Console(stderr=True, emoji=False, soft_wrap=True)
+out = Console(emoji=False)
+
+StateOption = typer.Option(None, "--state", help="state directory [default: $FASTCA_STATE_DIR or ./.fastca]")
+
+
+def _state(state: Optional[Path]) -> Path:
+    return state if state is not None else default_state_dir()
+
+
+@app.command()
+def init(
+    state: Optional[Path] = StateOption,
+    trust_domain: str = typer.Option("cluster.local", help="SPIFFE trust domain; the root's O="),
+    key_type: str = typer.Option("ec-p256", help="ec-p256 | ec-p384 | rsa-2048 | rsa-3072"),
+    key_uri: Optional[str] = typer.Option(None, help="use an existing HSM: pkcs11:token=…;object=…?module-path=…"
+                                          "&pin-source=file:… (key found or generated there)"),
+    software_key: bool = typer.Option(False, "--software-key", help="keep the CA key in a 0600 PEM file (no HSM)"),
+    import_istio_cacerts: Optional[Path] = typer.Option(None, help="import an Istio cacerts directory; "
+                                                        "its key goes into the token"),
+    csr_out: Optional[Path] = typer.Option(None, help="write an intermediate-CA CSR for an upstream root"),
+    install_cert: Optional[Path] = typer.Option(None, help="finish --csr-out: the issued CA certificate"),
+    chain: Optional[Path] = typer.Option(None, help="with --install-cert: intermediates up to the root"),
+    root: Optional[Path] = typer.Option(None, help="with --install-cert: the root bundle"),
+    default_ttl: int = typer.Option(86400, help="default workload certificate TTL, seconds"),
+    max_ttl: int = typer.Option(90 * 86400, help="largest TTL a caller may ask for, seconds"),
+    force: bool = typer.Option(False, "--force", help="replace an existing CA (destroys its key)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Create the CA (embedded SoftHSM token + self-signed root by default)."""
+    from fastca.ca.init import InitOptions, init_ca, install_cert as finish_install
+
+    state_dir = _state(state)
+    if install_cert is not None:
+        if root is None:
+            raise ConfigurationError("--install-cert needs --root (the root bundle)")
+        config = finish_install(state_dir, install_cert, chain, root)
+    else:
+        config = init_ca(state_dir, InitOptions(
+            trust_domain=trust_domain, key_type=key_type, key_uri=key_uri, software_key=software_key,
+            import_istio_cacerts=import_istio_cacerts, csr_out=csr_out, force=force,
+            issuance=IssuanceConfig(default_ttl_seconds=default_ttl, max_ttl_seconds=max_ttl)))
+    summary = {"state": str(state_dir), "trust_domain": config.trust_domain, "backend": config.signer.backend,
+               "key": config.signer.key_uri or config.signer.key_file, "pending_csr": config.pending_csr}
+    if as_json:
+        print(json.dumps(summary))
+    elif config.pending_csr:
+        print(f"CA key ready in {state_dir}; have {config.pending_csr} signed by your root, then run\n"
+              f"  fastca init --state {state_dir} --install-cert CERT --chain CHAIN --root ROOT")
+    else:
+        print(f"CA ready in {state_dir} (trust domain {config.trust_domain}, key {summary['key']})\n"
+              f"  root bundle for agents: {state_dir / 'root-cert.pem'}")
+
+
+@app.command()
+def issue(
+    csr: Path = typer.Option(..., help="PEM or DER CSR file"),
+    identity: str = typer.Option(..., help="SPIFFE ID to certify, e.g. spiffe://cluster.local/ns/default/sa/app"),
+    ttl: int = typer.Option(0, help="seconds; 0 means the configured default"),
+    state: Optional[Path] = StateOption,
+    out: Optional[Path] = typer.Option(None, help="write the chain here instead of stdout"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Issue one workload certificate; prints the chain as Istio returns it."""
+    from fastca.ca.material import load_ca
+    from fastca.pipeline.issuer import IssueRequest, Issuer
+
+    try:
+        data = csr.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {csr}: {exc.strerror}") from None
+    ca = load_ca(_state(state))
+    try:
+        issuer = Issuer(ca.material, ca.signer, ca.config.issuance)
+        issued = issuer.issue(IssueRequest(csr=data, identity=identity, ttl_seconds=ttl))
+    finally:
+        ca.close()
+    if as_json:
+        text = json.dumps({"serial": f"{issued.serial:x}", "identity": issued.identity,
+                           "not_before": issued.not_before.isoformat(), "not_after": issued.not_after.isoformat(),
+                           "key_type": issued.key_type, "sha256": issued.fingerprint_sha256,
+                           "cert_chain": list(issued.chain)}) + "\n"
+    else:
+        text = "".join(issued.chain)
+    if out is not None:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def inspect(
+    file: Path = typer.Argument(..., help="certificate(s) or CSR, PEM or DER"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show a certificate or CSR: subject, SANs, validity, key, extensions, fingerprints."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {file}: {exc.strerror}") from None
+    described = inspect_cmd.describe(data)
+    if as_json:
+        print(json.dumps(described, indent=2))
+    else:
+        inspect_cmd.render(described, out)
+
+
+@hsm_app.command("list")
+def hsm_list(
+    state: Optional[Path] = StateOption,
+    module: Optional[str] = typer.Option(None, help="PKCS#11 module path [default: the state's, else SoftHSM]"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Tokens and keys of the configured PKCS#11 module, as PKCS#11 URIs."""
+    from fastca.ca import hsm, softhsm
+    from fastca.ca.state import CAConfig
+    from fastca.signing.pkcs11_uri import Pkcs11Uri
+
+    state_dir = _state(state)
+    conf, uri = None, None
+    if (state_dir / "fastca.toml").exists():
+        config = CAConfig.load(state_dir)
+        if config.signer.key_uri:
+            uri = Pkcs11Uri.parse(config.signer.key_uri)
+        conf_path = config.path(state_dir, config.signer.softhsm_conf)
+        conf = str(conf_path.resolve()) if conf_path else None
+    module_path = module or (uri.module_path if uri and uri.module_path else softhsm.find_softhsm_module())
+    listings = hsm.list_tokens(module_path, conf, uri)
+    if as_json:
+        print(json.dumps([listing.__dict__ for listing in listings], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"PKCS#11 module {module_path}")
+    for column in ("token", "object", "type", "key type", "URI"):
+        table.add_column(column, overflow="fold")
+    for listing in listings:
+        if not listing.objects:
+            table.add_row(listing.label, "", "", "", listing.token_uri)
+        for obj in listing.objects:
+            table.add_row(listing.label, obj["label"], obj["type"], obj.get("key_type", ""), obj["uri"])
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FastcaError as error:
+        # The operator at this terminal may see the internal detail too; no
+        # message in the tree carries a PIN or key.
+        detail = str(error)
+        text = error.public_message if detail == error.public_message else f"{error.public_message}: {detail}"
+        err.print(f"fastca: error: {text}", highlight=False, markup=False)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as error:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise

@@ -1,0 +1,83 @@
+"""The exception tree, and what each member means to a gRPC client.
+
+Every error fastca raises on purpose is a ``FastcaError``. Each carries two
+texts: ``public_message`` is safe to show to a client (it names the problem
+and what to do about it); ``str(error)`` / ``__cause__`` hold the internal
+detail for logs. Neither ever contains a PIN, key or token.
+
+    FastcaError                  gRPC status
+    ├── InvalidRequest           INVALID_ARGUMENT   bad CSR, bad identity, TTL above max
+    ├── AuthenticationFailed     UNAUTHENTICATED    no or bad credentials, impersonation denied
+    ├── Overloaded               RESOURCE_EXHAUSTED queue full (agents retry it)
+    ├── CANotReady               UNAVAILABLE        no usable CA material or HSM (retried)
+    ├── SigningFailed            INTERNAL           signer error, signature did not verify,
+    │                                               signing certificate expired
+    └── ConfigurationError       (not an RPC error) bad config, state dir, PKCS#11 URI, import
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FastcaError",
+    "InvalidRequest",
+    "AuthenticationFailed",
+    "Overloaded",
+    "CANotReady",
+    "SigningFailed",
+    "ConfigurationError",
+    "GRPC_STATUS",
+]
+
+
+class FastcaError(Exception):
+    """Base of every deliberate fastca error."""
+
+    public_message = "internal error"
+
+    def __init__(self, detail: str, public_message: str | None = None) -> None:
+        super().__init__(detail)
+        if public_message is not None:
+            self.public_message = public_message
+
+
+class InvalidRequest(FastcaError):
+    public_message = "invalid certificate request"
+
+    def __init__(self, detail: str, public_message: str | None = None) -> None:
+        # Bad input is the client's own: the detail is what they need to fix it.
+        super().__init__(detail, public_message if public_message is not None else detail)
+
+
+class AuthenticationFailed(FastcaError):
+    public_message = "request authenticate failure"
+
+
+class Overloaded(FastcaError):
+    public_message = "server overloaded, retry later"
+
+
+class CANotReady(FastcaError):
+    public_message = "CA is not ready"
+
+
+class SigningFailed(FastcaError):
+    public_message = "failed to sign the certificate"
+
+
+class ConfigurationError(FastcaError):
+    public_message = "configuration error"
+
+    def __init__(self, detail: str, public_message: str | None = None) -> None:
+        super().__init__(detail, public_message if public_message is not None else detail)
+
+
+# Status names as in grpc.StatusCode, kept as strings so this module does not
+# import grpc.
+GRPC_STATUS: dict[type[FastcaError], str] = {
+    InvalidRequest: "INVALID_ARGUMENT",
+    AuthenticationFailed: "UNAUTHENTICATED",
+    Overloaded: "RESOURCE_EXHAUSTED",
+    CANotReady: "UNAVAILABLE",
+    SigningFailed: "INTERNAL",
+    ConfigurationError: "INTERNAL",
+}

@@ -1,0 +1,1 @@
+"""The issuance pipeline: the issuer (and, with the server, the batcher)."""

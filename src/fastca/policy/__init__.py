@@ -1,0 +1,1 @@
+"""Issuance policy: what a caller may get (TTL, identity, CSR rules)."""
