@@ -18,7 +18,7 @@ from fastca.ca.state import IssuanceConfig, default_state_dir
 from fastca.cli import inspect_cmd
 from fastca.errors import ConfigurationError, FastcaError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fastca: a high-performance CA for service meshes, with its key in an HSM.")
 hsm_app = typer.Typer(no_args_is_help=True, help="Look at PKCS#11 modules and tokens.")
 app.add_typer(hsm_app, name="hsm")

@@ -1,0 +1,70 @@
+"""The command line as a user runs it."""
+
+import json
+
+import pytest
+from cryptography import x509
+
+from tests.conftest import AGENT_CSRS, VECTORS, run_fastca
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli") / "state"
+    run_fastca("init", "--state", str(directory), "--trust-domain", "example.org")
+    return directory
+
+
+def test_issue_prints_istio_chain(state):
+    identity = "spiffe://example.org/ns/default/sa/web"
+    out = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec384-0001.csr.pem"),
+                     "--identity", identity, "--ttl", "3600").stdout
+    certificates = x509.load_pem_x509_certificates(out.encode())
+    assert len(certificates) == 2  # leaf, then the root bundle
+    leaf, root = certificates
+    assert root == x509.load_pem_x509_certificate((state / "root-cert.pem").read_bytes())
+    assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier) == [identity]
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds() == 3600 + 120
+
+
+def test_issue_rejects_bad_input_clearly(state, tmp_path):
+    garbage = tmp_path / "garbage.csr"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE REQUEST-----\n!!!!\n-----END CERTIFICATE REQUEST-----\n")
+    proc = run_fastca("issue", "--state", str(state), "--csr", str(garbage),
+                      "--identity", "spiffe://example.org/ns/a/sa/b", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("fastca: error:") and "Traceback" not in proc.stderr
+    proc = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0000.csr.pem"),
+                      "--identity", "spiffe://Example.org/ns/a/sa/b", check=False)
+    assert proc.returncode == 2 and "trust domain" in proc.stderr.lower()
+    proc = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0000.csr.pem"),
+                      "--identity", "spiffe://example.org/ns/a/sa/b", "--ttl", str(10**9), check=False)
+    assert proc.returncode == 2 and "max allowed TTL" in proc.stderr
+
+
+def test_inspect_certificate_table_and_json(state):
+    table = run_fastca("inspect", str(state / "root-cert.pem")).stdout
+    for expected in ("O=example.org", "basicConstraints (critical)", "CA:TRUE", "sha256 fingerprint"):
+        assert expected in table
+    described = json.loads(run_fastca("inspect", str(state / "root-cert.pem"), "--json").stdout)
+    assert described[0]["kind"] == "certificate" and described[0]["subject"] == "O=example.org"
+
+
+def test_inspect_csr(tmp_path):
+    described = json.loads(run_fastca("inspect", str(AGENT_CSRS / "rsa2048-0002.csr.pem"), "--json").stdout)[0]
+    assert described["kind"] == "csr" and described["signature_valid"] is True
+    assert described["key"] == "RSA 2048 (e=65537)"
+    assert described["sans"] == ["URI:" + (AGENT_CSRS / "rsa2048-0002.id").read_text().strip()]
+
+
+def test_inspect_chain_shows_every_certificate():
+    described = json.loads(run_fastca("inspect", str(VECTORS / "istio/plugged-ca/workload-foo-cert.pem"),
+                                      "--json").stdout)
+    assert len(described) == 2
+
+
+def test_inspect_rejects_non_certificates(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x30\x03\x02\x01")
+    proc = run_fastca("inspect", str(junk), check=False)
+    assert proc.returncode == 2 and "not a certificate or CSR" in proc.stderr

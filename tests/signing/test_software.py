@@ -1,0 +1,39 @@
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from fastca.errors import ConfigurationError
+from fastca.signing.base import Signer, signature_algorithm_for
+from fastca.signing.software import SoftwareSigner
+
+
+@pytest.mark.parametrize("key,hash_cls", [
+    (ec.generate_private_key(ec.SECP256R1()), hashes.SHA256),
+    (ec.generate_private_key(ec.SECP384R1()), hashes.SHA384),
+    (rsa.generate_private_key(65537, 2048), hashes.SHA256),
+])
+def test_signatures_verify(key, hash_cls):
+    signer = SoftwareSigner(key)
+    assert isinstance(signer, Signer)
+    data = [b"tbs-%d" % i for i in range(5)]
+    for item, signature in zip(data, signer.sign_many(data)):
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            key.public_key().verify(signature, item, ec.ECDSA(hash_cls()))
+        else:
+            key.public_key().verify(signature, item, padding.PKCS1v15(), hash_cls())
+
+
+def test_algorithm_identifiers():
+    assert signature_algorithm_for(ec.generate_private_key(ec.SECP256R1()).public_key())[0].hex() \
+        == "300a06082a8648ce3d040302"
+    assert signature_algorithm_for(rsa.generate_private_key(65537, 2048).public_key())[0].hex() \
+        == "300d06092a864886f70d01010b0500"
+    with pytest.raises(ConfigurationError):
+        signature_algorithm_for(ec.generate_private_key(ec.SECP521R1()).public_key())
+
+
+def test_repr_shows_no_key_material():
+    key = ec.generate_private_key(ec.SECP256R1())
+    text = repr(SoftwareSigner(key))
+    assert str(key.private_numbers().private_value) not in text
+    assert "SoftwareSigner" in text
