@@ -125,3 +125,11 @@ class DerWriter:
     def utc_or_generalized_time(self, unix_seconds: int) -> None: ...
     def getvalue(self) -> bytes: ...
     def __len__(self) -> int: ...
+
+def walk_der(data: bytes) -> list[tuple[int, int, bytes | None]]:
+    """The strict DER reader's view of one element: every TLV in pre-order as
+    (depth, tag, content), content None for constructed elements. Raises
+    NativeError(E_CSR_MALFORMED) on anything that is not strict DER
+    (indefinite or non-minimal lengths, lengths past the data or >= 4 GiB,
+    nesting deeper than MAX_DER_DEPTH, trailing data, non-DER BOOLEAN /
+    INTEGER / NULL / BIT STRING / OID encodings). For tests and fuzzing."""
