@@ -3,8 +3,6 @@ cases, hand-assembled DER (through DerWriter) for the ones pyca refuses to make.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -12,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import NameOID
 
 from fastca._native import DerWriter
+from tests.conftest import agent_csrs  # noqa: F401 - re-exported for the native tests
 
-AGENT_CSRS = Path(__file__).parent.parent / "vectors" / "agent-csrs"
 SPIFFE_ID = "spiffe://cluster.local/ns/default/sa/web"
 
 OID_SHA256_RSA = "1.2.840.113549.1.1.11"
@@ -23,23 +21,6 @@ OID_RSA_PSS = "1.2.840.113549.1.1.10"
 OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"
 OID_ECDSA_SHA1 = "1.2.840.10045.4.1"
 OID_EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
-
-
-@dataclass(frozen=True)
-class AgentCsr:
-    name: str
-    pem: bytes
-    key_pem: bytes
-    spiffe_id: str
-
-
-def agent_csrs(prefix: str = "") -> list[AgentCsr]:
-    out = []
-    for path in sorted(AGENT_CSRS.glob(f"{prefix}*.csr.pem")):
-        stem = path.name[: -len(".csr.pem")]
-        out.append(AgentCsr(stem, path.read_bytes(), (AGENT_CSRS / f"{stem}.key.pem").read_bytes(),
-                            (AGENT_CSRS / f"{stem}.id").read_text().strip()))
-    return out
 
 
 def spki_of(key) -> bytes:

@@ -9,6 +9,10 @@ import pytest
 
 from fastca._native import E_CSR_MALFORMED, MAX_DER_DEPTH, NativeError, walk_der
 
+# Hostile input must be refused without a pathological scan; this bounds
+# that behaviour (the refusal itself takes microseconds), it is not a speed target.
+HOSTILE_INPUT_BOUND_S = 1.0
+
 
 def nested_sequences(depth: int, innermost: bytes = b"") -> bytes:
     """depth SEQUENCEs around innermost, each with a correct definite length."""
@@ -76,14 +80,14 @@ def test_hundred_thousand_nested_sequences_fail_fast():
     start = time.perf_counter()
     with pytest.raises(NativeError, match="deeper than 32"):
         walk_der(hostile)
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < HOSTILE_INPUT_BOUND_S
 
 
 def test_length_claiming_two_to_the_32_fails_without_allocating():
     start = time.perf_counter()
     with pytest.raises(NativeError, match="4 GiB"):
         walk_der(bytes.fromhex("30850100000000") + b"\x00" * 16)
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < HOSTILE_INPUT_BOUND_S
 
 
 def test_unknown_context_and_string_types_are_walked_not_judged():

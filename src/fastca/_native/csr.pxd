@@ -49,6 +49,7 @@ cdef int csr_verify_possession(const CsrParsed* csr, Failure* failure) noexcept 
 cdef int csr_load_verified(const unsigned char* data, size_t size, size_t max_size, CsrParsed* csr,
                            unsigned char** owned, Failure* failure) noexcept nogil
 cdef size_t digest_of(int digest, const unsigned char* data, size_t size, unsigned char* out) noexcept nogil
+cdef int digest_nid(int digest) noexcept nogil
 
 cdef class CsrInfo:
     cdef readonly bytes der

@@ -546,7 +546,7 @@ cdef size_t digest_of(int digest, const unsigned char* data, size_t size, unsign
     return 64
 
 
-cdef inline int digest_nid(int digest) noexcept nogil:
+cdef int digest_nid(int digest) noexcept nogil:
     if digest == DIGEST_SHA256:
         return NID_sha256
     if digest == DIGEST_SHA384:

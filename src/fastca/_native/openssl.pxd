@@ -3,6 +3,14 @@
 # provider decoder chain and costs ~100 us per key, while RSA_set0_key is
 # ~0.3 us and EC_KEY_set_group + EC_KEY_oct2key ~2 us (measured, see csr.pyx).
 
+cdef extern from "openssl/rsa.h" nogil:
+    ctypedef struct RSA:
+        pass
+
+cdef extern from "openssl/ec.h" nogil:
+    ctypedef struct EC_KEY:
+        pass
+
 cdef extern from "openssl/evp.h" nogil:
     ctypedef struct EVP_PKEY:
         pass
@@ -25,6 +33,8 @@ cdef extern from "openssl/evp.h" nogil:
                          const unsigned char* data, size_t size)
     void EVP_PKEY_free(EVP_PKEY* pkey)
     int EVP_PKEY_get_base_id(const EVP_PKEY* pkey)
+    RSA* EVP_PKEY_get1_RSA(EVP_PKEY* pkey)
+    EC_KEY* EVP_PKEY_get1_EC_KEY(EVP_PKEY* pkey)
     int EVP_PKEY_RSA
     int EVP_PKEY_EC
 
@@ -55,8 +65,6 @@ cdef extern from "openssl/obj_mac.h" nogil:
     int NID_secp384r1
 
 cdef extern from "openssl/rsa.h" nogil:
-    ctypedef struct RSA:
-        pass
     RSA* RSA_new()
     void RSA_free(RSA* rsa)
     int RSA_set0_key(RSA* rsa, BIGNUM* n, BIGNUM* e, BIGNUM* d)
@@ -65,8 +73,6 @@ cdef extern from "openssl/rsa.h" nogil:
 
 cdef extern from "openssl/ec.h" nogil:
     ctypedef struct EC_GROUP:
-        pass
-    ctypedef struct EC_KEY:
         pass
     EC_GROUP* EC_GROUP_new_by_curve_name(int nid)
     EC_KEY* EC_KEY_new()

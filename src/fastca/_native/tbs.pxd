@@ -6,7 +6,7 @@ from libc.stdint cimport int64_t
 from .csr cimport ByteSpan, CsrInfo, CsrParsed
 from .der cimport DerBuf
 from .errors cimport Failure
-from .openssl cimport EVP_PKEY
+from .openssl cimport EC_KEY, EVP_PKEY, RSA
 
 cdef enum:
     SERIAL_BYTES = 16
@@ -19,7 +19,8 @@ ctypedef struct TbsTemplate:
     ByteSpan san_prefix            # SAN extnID and critical TRUE
 
 ctypedef struct CaKey:
-    EVP_PKEY* public_key
+    RSA* rsa_key                   # exactly one of rsa_key / ec_key is set
+    EC_KEY* ec_key
     int digest
     bint ecdsa
     ByteSpan signature_algorithm   # DER AlgorithmIdentifier for the outer Certificate
@@ -61,12 +62,14 @@ cdef class IssuerProfile:
     cdef readonly str hash_name
     cdef int digest
     cdef bint ecdsa
-    cdef EVP_PKEY* ca_key
+    cdef RSA* ca_rsa_key
+    cdef EC_KEY* ca_ec_key
     cdef bytes signature_and_issuer
     cdef bytes extensions_rsa_key
     cdef bytes extensions_ec_key
     cdef void fill_template(self, TbsTemplate* template)
     cdef void fill_ca_key(self, CaKey* ca)
+    cdef void release_ca_key(self)
 
 cdef class LeafSpec:
     cdef readonly bytes csr

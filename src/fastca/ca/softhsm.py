@@ -81,24 +81,33 @@ def init_token(conf: Path, label: str, so_pin: str, user_pin: str) -> None:
     transcript = b""
     deadline = time.monotonic() + _TOKEN_INIT_TIMEOUT_S
     try:
-        while proc.poll() is None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             ready, _, _ = select.select([master], [], [], 0.2)
             if not ready:
+                if proc.poll() is not None:
+                    break
                 continue
             try:
                 chunk = os.read(master, 4096)
-            except OSError:
+            except OSError:  # EIO: the child closed the terminal, it is exiting
+                break
+            if not chunk:
                 break
             transcript += chunk
             if answers and transcript.rstrip().endswith(b"PIN:"):
                 os.write(master, (answers.pop(0) + "\n").encode())
                 transcript = b""
-        if proc.poll() is None:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             proc.kill()
-            raise ConfigurationError("softhsm2-util did not finish initialising the token")
+            proc.wait()
+            raise ConfigurationError("softhsm2-util did not finish initialising the token") from None
     finally:
         os.close(master)
-        proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode != 0:
         # The transcript after the prompts holds softhsm2-util's message, not a PIN
         # (PIN echo is masked with '*').
