@@ -10,7 +10,8 @@ Contenders (all with RSA-2048 agent CSRs unless named):
   fastca/software-p256   Issuer, in-memory P-256 CA key, batches of --batch
   fastca/softhsm-p256    Issuer, P-256 CA key in a SoftHSM token
   pyca/p256              load CSR, verify it, CertificateBuilder(...).sign()
-  raw: rsa2048-verify, p256-sign (cryptography) to price the two crypto operations
+  pyca/p256+check        the same, then the CA signature verified (what fastca always does)
+  raw: rsa2048-verify, p256-sign, p256-verify (cryptography) to price the crypto operations
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def fastca_rate(issuer: Issuer, csrs: list[bytes], batch: int) -> float:
     return len(requests) / (time.perf_counter() - start)
 
 
-def pyca_rate(key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, csrs: list[bytes]) -> float:
+def pyca_rate(key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, csrs: list[bytes],
+              check_signature: bool = False) -> float:
+    ca_public = key.public_key()
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     start = time.perf_counter()
     for pem in csrs:
@@ -74,7 +77,7 @@ def pyca_rate(key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, csrs: 
         if not csr.is_signature_valid:
             raise RuntimeError("bad CSR")
         now = dt.datetime.now(dt.timezone.utc)
-        (x509.CertificateBuilder()
+        cert = (x509.CertificateBuilder()
          .subject_name(x509.Name([])).issuer_name(ca_cert.subject).public_key(csr.public_key())
          .serial_number(int.from_bytes(os.urandom(16), "big") >> 1)
          .not_valid_before(now - dt.timedelta(minutes=2)).not_valid_after(now + dt.timedelta(hours=24))
@@ -85,6 +88,8 @@ def pyca_rate(key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, csrs: 
          .add_extension(x509.AuthorityKeyIdentifier(ski, None, None), critical=False)
          .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(IDENTITY)]), critical=True)
          .sign(key, hashes.SHA256()))
+        if check_signature:
+            ca_public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
     return len(csrs) / (time.perf_counter() - start)
 
 
@@ -97,10 +102,14 @@ def raw_rates(csrs: list[bytes], key: ec.EllipticCurvePrivateKey) -> dict[str, f
     data = [os.urandom(600) for _ in range(2000)]
     algorithm = ec.ECDSA(hashes.SHA256())
     start = time.perf_counter()
-    for item in data:
-        key.sign(item, algorithm)
+    signatures = [key.sign(item, algorithm) for item in data]
     sign = len(data) / (time.perf_counter() - start)
-    return {"raw/rsa2048-verify": verify, "raw/p256-sign": sign}
+    public = key.public_key()
+    start = time.perf_counter()
+    for item, signature in zip(data, signatures):
+        public.verify(signature, item, algorithm)
+    check = len(data) / (time.perf_counter() - start)
+    return {"raw/rsa2048-verify": verify, "raw/p256-sign": sign, "raw/p256-verify": check}
 
 
 def main() -> None:
@@ -136,13 +145,16 @@ def main() -> None:
             "fastca/software-p256": fastca_rate(software_issuer, csrs, args.batch),
             "fastca/softhsm-p256": fastca_rate(token_issuer, csrs, args.batch),
             "pyca/p256": pyca_rate(key, root, csrs),
+            "pyca/p256+check": pyca_rate(key, root, csrs, check_signature=True),
             **raw_rates(csrs, key),
         }
         for name, rate in measured.items():
             rounds.setdefault(name, []).append(rate)
 
     medians = {name: statistics.median(values) for name, values in rounds.items()}
-    crypto_us = 1e6 / medians["raw/rsa2048-verify"] + 1e6 / medians["raw/p256-sign"]
+    two_ops_us = 1e6 / medians["raw/rsa2048-verify"] + 1e6 / medians["raw/p256-sign"]
+    three_ops_us = two_ops_us + 1e6 / medians["raw/p256-verify"]
+    fastca_us = 1e6 / medians["fastca/software-p256"]
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
@@ -150,17 +162,21 @@ def main() -> None:
         "rates_per_s": {k: round(v, 1) for k, v in medians.items()},
         "all_rounds": {k: [round(x, 1) for x in v] for k, v in rounds.items()},
         "ratio_fastca_software_vs_pyca": round(medians["fastca/software-p256"] / medians["pyca/p256"], 2),
+        "ratio_fastca_software_vs_pyca_checked": round(
+            medians["fastca/software-p256"] / medians["pyca/p256+check"], 2),
         "ratio_fastca_softhsm_vs_pyca": round(medians["fastca/softhsm-p256"] / medians["pyca/p256"], 2),
-        "us_per_cert_fastca_software": round(1e6 / medians["fastca/software-p256"], 1),
-        "us_crypto_ops_per_cert": round(crypto_us, 1),
-        "us_overhead_beyond_crypto": round(1e6 / medians["fastca/software-p256"] - crypto_us, 1),
+        "us_per_cert_fastca_software": round(fastca_us, 1),
+        "us_csr_verify_plus_sign": round(two_ops_us, 1),
+        "us_overhead_beyond_csr_verify_and_sign": round(fastca_us - two_ops_us, 1),
+        "us_overhead_beyond_all_three_crypto_ops": round(fastca_us - three_ops_us, 1),
     }
     width = max(map(len, medians))
     print(f"offline issuance, 1 core, {args.count} RSA-2048 CSRs, batch {args.batch}, median of {args.rounds} rounds")
     for name, rate in medians.items():
         print(f"  {name:<{width}}  {rate:10.0f} /s   {1e6 / rate:7.1f} us")
-    for key_name in ("ratio_fastca_software_vs_pyca", "ratio_fastca_softhsm_vs_pyca",
-                     "us_crypto_ops_per_cert", "us_overhead_beyond_crypto"):
+    for key_name in ("ratio_fastca_software_vs_pyca", "ratio_fastca_software_vs_pyca_checked",
+                     "ratio_fastca_softhsm_vs_pyca", "us_csr_verify_plus_sign",
+                     "us_overhead_beyond_csr_verify_and_sign", "us_overhead_beyond_all_three_crypto_ops"):
         print(f"  {key_name}: {report[key_name]}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
