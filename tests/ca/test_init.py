@@ -217,3 +217,25 @@ def test_existing_softhsm_installation_via_bootstrap_script(tmp_path):
     out = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0002.csr.pem"),
                      "--identity", "spiffe://cluster.local/ns/x/sa/y", env=env).stdout
     assert len(x509.load_pem_x509_certificates(out.encode())) == 2
+
+
+def test_failed_init_leaves_nothing_half_written(tmp_path):
+    state = tmp_path / "state"
+    # The token is created, then the module cannot be found: the attempt fails late.
+    proc = run_fastca("init", "--state", str(state), env={"FASTCA_SOFTHSM_MODULE": str(tmp_path / "missing.so")},
+                      check=False)
+    assert proc.returncode == 2 and "SoftHSM2" in proc.stderr
+    assert sorted(p.name for p in state.iterdir()) == []
+    run_fastca("init", "--state", str(state))
+    assert (state / "fastca.toml").exists()
+
+
+def test_stray_ca_files_without_config_need_force(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "root-cert.pem").write_text("left over\n")
+    proc = run_fastca("init", "--state", str(state), check=False)
+    assert proc.returncode == 2 and "no fastca.toml" in proc.stderr
+    assert (state / "root-cert.pem").read_text() == "left over\n"
+    run_fastca("init", "--state", str(state), "--force")
+    assert (state / "fastca.toml").exists()

@@ -230,3 +230,14 @@ def test_concurrent_issuers_through_pkcs11(ec_token_ca):
     ca_cert = ec_token_ca.material.signing_cert
     for issued in results:
         _verify_with_ca(x509.load_der_x509_certificate(issued.der), ca_cert)
+
+
+def test_oversized_csr_rejected_before_parsing(any_token_ca):
+    """RELIABILITY 12 (the CSR half; gRPC message limits belong to the server)."""
+    counting = CountingSigner(any_token_ca.signer)
+    issuer = Issuer(any_token_ca.material, counting, IssuanceConfig())
+    pem = agent_csrs("ec256")[0].pem
+    oversized = pem + b"\n" * (70 * 1024)
+    with pytest.raises(InvalidRequest, match="65536"):
+        issuer.issue(IssueRequest(oversized, IDENTITY))
+    assert counting.calls == 0

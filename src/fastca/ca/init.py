@@ -54,17 +54,26 @@ def _write_pem(path: Path, certificates: list[x509.Certificate]) -> None:
     tmp.replace(path)
 
 
+def _remove_owned(state_dir: Path) -> None:
+    for name in _OWNED:
+        target = state_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
 def _prepare_state_dir(state_dir: Path, force: bool) -> None:
     if (state_dir / CONFIG_FILE).exists():
         if not force:
             raise ConfigurationError(f"{state_dir} already holds a CA; pass --force to replace it "
                                      "(its key and certificates will be destroyed)")
-        for name in _OWNED:
-            target = state_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        _remove_owned(state_dir)
+    elif any((state_dir / name).exists() for name in _OWNED):
+        # Left by something other than a completed init (fastca cleans up its own failures).
+        if not force:
+            raise ConfigurationError(f"{state_dir} holds CA files but no fastca.toml; pass --force to replace them")
+        _remove_owned(state_dir)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
@@ -115,7 +124,17 @@ def init_ca(state_dir: Path, options: InitOptions, now: dt.datetime | None = Non
     if imported is not None:
         validate_material(imported[1][0], imported[2], imported[3], now)
     _prepare_state_dir(state_dir, options.force)
+    try:
+        return _create(state_dir, options, imported, now)
+    except BaseException:
+        # A CA is all or nothing: what this attempt wrote goes, so that the
+        # next attempt starts clean (a stray token labelled "fastca" would
+        # make the embedded token ambiguous).
+        _remove_owned(state_dir)
+        raise
 
+
+def _create(state_dir: Path, options: InitOptions, imported: tuple | None, now: dt.datetime) -> CAConfig:
     softhsm_conf: Path | None = None
     if options.software_key:
         signer_config = SignerConfig(backend="software", key_file=_SOFTWARE_KEY_FILE, key_type=options.key_type)
