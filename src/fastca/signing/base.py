@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol, Sequence, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fastca.errors import ConfigurationError
 
-__all__ = ["Signer", "signature_algorithm_for"]
+__all__ = ["Signer", "SignerBase", "signature_algorithm_for"]
 
 # DER AlgorithmIdentifiers: ECDSA has no parameters, RSA PKCS#1 v1.5 has NULL.
 _ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
@@ -54,3 +55,37 @@ class Signer(Protocol):
     def sign(self, data: bytes) -> bytes: ...
     def sign_many(self, data: Sequence[bytes]) -> list[bytes]: ...
     def close(self) -> None: ...
+
+
+class SignerBase(ABC):
+    """What every backend derives from its CA public key, in one place."""
+
+    def __init__(self, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey, *, ecdsa_raw: bool) -> None:
+        self._public_key = public_key
+        self._algorithm_identifier, self._hash_name = signature_algorithm_for(public_key)
+        self._ecdsa_raw = ecdsa_raw
+
+    @property
+    def algorithm_identifier(self) -> bytes:
+        return self._algorithm_identifier
+
+    @property
+    def hash_name(self) -> str:
+        return self._hash_name
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+        return self._public_key
+
+    @property
+    def ecdsa_raw(self) -> bool:
+        return self._ecdsa_raw
+
+    def sign(self, data: bytes) -> bytes:
+        return self.sign_many([data])[0]
+
+    @abstractmethod
+    def sign_many(self, data: Sequence[bytes]) -> list[bytes]: ...
+
+    def close(self) -> None:
+        pass

@@ -18,7 +18,7 @@ from pkcs11 import exceptions as p11_errors
 from pkcs11.util.ec import encode_ec_public_key
 
 from fastca.errors import CANotReady, ConfigurationError, SigningFailed
-from fastca.signing.base import signature_algorithm_for
+from fastca.signing.base import SignerBase
 from fastca.signing.pkcs11_context import Pkcs11Context
 from fastca.signing.pkcs11_uri import Pkcs11Uri
 
@@ -54,7 +54,7 @@ def public_key_from_token(public_object: Any) -> ec.EllipticCurvePublicKey | rsa
     raise ConfigurationError(f"PKCS#11 key type {key_type!r} is not supported (RSA, EC)")
 
 
-class Pkcs11Signer:
+class Pkcs11Signer(SignerBase):
     """Signs with the private key a PKCS#11 URI names.
 
     ``softhsm_conf`` points SoftHSM at its token directory (the embedded
@@ -65,10 +65,8 @@ class Pkcs11Signer:
                  module_default: str | None = None) -> None:
         self._uri = Pkcs11Uri.parse(uri) if isinstance(uri, str) else uri
         self._context = Pkcs11Context.for_this_process()
-        self._private_key, self._public_key = self._context.run(
-            self._open_on_thread, softhsm_conf, module_default)
-        self._algorithm_identifier, self._hash_name = signature_algorithm_for(self._public_key)
-        self._ecdsa_raw = isinstance(self._public_key, ec.EllipticCurvePublicKey)
+        self._private_key, public_key = self._context.run(self._open_on_thread, softhsm_conf, module_default)
+        super().__init__(public_key, ecdsa_raw=isinstance(public_key, ec.EllipticCurvePublicKey))
         self._closed = False
 
     def _open_on_thread(self, softhsm_conf: str | None, module_default: str | None) -> tuple[Any, Any]:
@@ -88,25 +86,6 @@ class Pkcs11Signer:
     @property
     def uri(self) -> Pkcs11Uri:
         return self._uri
-
-    @property
-    def algorithm_identifier(self) -> bytes:
-        return self._algorithm_identifier
-
-    @property
-    def hash_name(self) -> str:
-        return self._hash_name
-
-    @property
-    def public_key(self) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
-        return self._public_key
-
-    @property
-    def ecdsa_raw(self) -> bool:
-        return self._ecdsa_raw
-
-    def sign(self, data: bytes) -> bytes:
-        return self.sign_many([data])[0]
 
     def sign_many(self, data: Sequence[bytes]) -> list[bytes]:
         if self._closed:

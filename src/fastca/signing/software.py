@@ -12,20 +12,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from fastca.errors import ConfigurationError
-from fastca.signing.base import signature_algorithm_for
+from fastca.signing.base import SignerBase
 
 __all__ = ["SoftwareSigner"]
 
 _HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384}
 
 
-class SoftwareSigner:
+class SoftwareSigner(SignerBase):
     def __init__(self, private_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
         if not isinstance(private_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
             raise ConfigurationError("software signer needs an RSA or EC private key")
-        self._key = private_key
-        self._public_key = private_key.public_key()
-        self._algorithm_identifier, self._hash_name = signature_algorithm_for(self._public_key)
+        super().__init__(private_key.public_key(), ecdsa_raw=False)
         digest = _HASHES[self._hash_name]()
         if isinstance(private_key, ec.EllipticCurvePrivateKey):
             scheme = ec.ECDSA(digest)
@@ -47,28 +45,9 @@ class SoftwareSigner:
     def __repr__(self) -> str:
         return f"SoftwareSigner({self._hash_name}, {type(self._public_key).__name__})"
 
-    @property
-    def algorithm_identifier(self) -> bytes:
-        return self._algorithm_identifier
-
-    @property
-    def hash_name(self) -> str:
-        return self._hash_name
-
-    @property
-    def public_key(self) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
-        return self._public_key
-
-    @property
-    def ecdsa_raw(self) -> bool:
-        return False
-
     def sign(self, data: bytes) -> bytes:
         return self._sign_one(data)
 
     def sign_many(self, data: Sequence[bytes]) -> list[bytes]:
         sign_one = self._sign_one
         return [sign_one(item) for item in data]
-
-    def close(self) -> None:
-        pass
