@@ -45,7 +45,7 @@ def _pkilint_findings(tool: str, *files: Path) -> list[dict]:
     return findings
 
 
-@pytest.fixture(scope="module", params=["ec-p256", "rsa-2048", "istio-plugged-ca"])
+@pytest.fixture(scope="module", params=["ec-p256", "ec-p384", "rsa-2048", "istio-plugged-ca"])
 def ca(request, softhsm_token, ca_tmp):
     if request.param == "istio-plugged-ca":
         directory = VECTORS / "istio" / "plugged-ca"
