@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from fastca.ca import hsm, softhsm
 from fastca.ca.certificates import self_signed_root
 from fastca.ca.material import validate_material
-from fastca.ca.state import IssuanceConfig
+from fastca.config import IssuanceConfig
 from fastca.pipeline.issuer import IssueRequest, Issuer
 from fastca.signing.pkcs11 import Pkcs11Signer
 from fastca.signing.pkcs11_uri import Pkcs11Uri

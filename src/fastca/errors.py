@@ -6,8 +6,10 @@ and what to do about it); ``str(error)`` / ``__cause__`` hold the internal
 detail for logs. Neither ever contains a PIN, key or token.
 
     FastcaError                  gRPC status
-    ├── InvalidRequest           INVALID_ARGUMENT   bad CSR, bad identity, TTL above max
+    ├── InvalidRequest           INVALID_ARGUMENT   bad CSR, bad identity, bad metadata
+    │   └── InvalidTTL           INVALID_ARGUMENT   TTL above the maximum
     ├── AuthenticationFailed     UNAUTHENTICATED    no or bad credentials, impersonation denied
+    ├── PolicyDenied             PERMISSION_DENIED  authenticated, but policy forbids it now or from here
     ├── Overloaded               RESOURCE_EXHAUSTED queue full (agents retry it)
     ├── CANotReady               UNAVAILABLE        no usable CA material or HSM (retried)
     ├── SigningFailed            INTERNAL           signer error, signature did not verify,
@@ -20,12 +22,15 @@ from __future__ import annotations
 __all__ = [
     "FastcaError",
     "InvalidRequest",
+    "InvalidTTL",
     "AuthenticationFailed",
+    "PolicyDenied",
     "Overloaded",
     "CANotReady",
     "SigningFailed",
     "ConfigurationError",
     "GRPC_STATUS",
+    "grpc_status_of",
 ]
 
 
@@ -48,8 +53,16 @@ class InvalidRequest(FastcaError):
         super().__init__(detail, public_message if public_message is not None else detail)
 
 
+class InvalidTTL(InvalidRequest):
+    """Separate so metrics can count it as Istio's TTL_ERROR."""
+
+
 class AuthenticationFailed(FastcaError):
     public_message = "request authenticate failure"
+
+
+class PolicyDenied(FastcaError):
+    public_message = "request denied by CA policy"
 
 
 class Overloaded(FastcaError):
@@ -71,11 +84,20 @@ class ConfigurationError(FastcaError):
         super().__init__(detail, public_message if public_message is not None else detail)
 
 
+def grpc_status_of(error: FastcaError) -> str:
+    """The status name for an error, by its nearest class in the tree."""
+    for cls in type(error).__mro__:
+        if cls in GRPC_STATUS:
+            return GRPC_STATUS[cls]
+    return "INTERNAL"
+
+
 # Status names as in grpc.StatusCode, kept as strings so this module does not
 # import grpc.
 GRPC_STATUS: dict[type[FastcaError], str] = {
     InvalidRequest: "INVALID_ARGUMENT",
     AuthenticationFailed: "UNAUTHENTICATED",
+    PolicyDenied: "PERMISSION_DENIED",
     Overloaded: "RESOURCE_EXHAUSTED",
     CANotReady: "UNAVAILABLE",
     SigningFailed: "INTERNAL",

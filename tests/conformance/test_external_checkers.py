@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fastca.ca.material import validate_material
-from fastca.ca.state import IssuanceConfig
+from fastca.config import IssuanceConfig
 from fastca.pipeline.issuer import IssueRequest, Issuer
 from fastca.signing.software import SoftwareSigner
 from tests.conftest import VECTORS, agent_csrs, token_ca

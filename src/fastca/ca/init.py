@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastca.ca import hsm, softhsm
 from fastca.ca.certificates import ca_csr, self_signed_root
 from fastca.ca.material import (load_ca, load_pem_certificates, open_signer, validate_material)
-from fastca.ca.state import (CERT_CHAIN_FILE, CONFIG_FILE, ROOT_CERT_FILE, SIGNING_CERT_FILE, CAConfig,
-                             IssuanceConfig, SignerConfig)
+from fastca.ca.state import CERT_CHAIN_FILE, CONFIG_FILE, ROOT_CERT_FILE, SIGNING_CERT_FILE
+from fastca.config import CAConfig, IssuanceConfig, SignerConfig, write_lifecycle
 from fastca.errors import ConfigurationError
 from fastca.signing.pkcs11_uri import Pkcs11Uri
 
@@ -159,20 +159,19 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, now: 
             softhsm_conf=softhsm_conf.name if softhsm_conf else None,
             key_type=None if imported else options.key_type)
 
-    config = CAConfig(trust_domain=options.trust_domain, signer=signer_config, issuance=options.issuance)
-
+    pending_csr: str | None = None
     if imported is not None:
         _, signing, chain, roots = imported
         _write_pem(state_dir / SIGNING_CERT_FILE, signing[:1])
         _write_pem(state_dir / CERT_CHAIN_FILE, chain or signing[:1])
         _write_pem(state_dir / ROOT_CERT_FILE, roots)
     else:
-        signer = open_signer(config, state_dir)
+        signer = open_signer(signer_config, state_dir)
         try:
             if options.csr_out is not None:
                 request = ca_csr(signer, options.trust_domain)
                 options.csr_out.write_bytes(request.public_bytes(serialization.Encoding.PEM))
-                config = replace(config, pending_csr=str(options.csr_out.resolve()))
+                pending_csr = str(options.csr_out.resolve())
             else:
                 root = self_signed_root(signer, options.trust_domain, now=now,
                                         lifetime=dt.timedelta(days=options.root_lifetime_days))
@@ -180,10 +179,11 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, now: 
                     _write_pem(state_dir / name, [root])
         finally:
             signer.close()
-    config.save(state_dir)
-    if config.pending_csr is None:
+    write_lifecycle(state_dir, trust_domain=options.trust_domain, signer=signer_config,
+                    issuance=options.issuance, pending_csr=pending_csr)
+    if pending_csr is None:
         load_ca(state_dir, now).close()  # prove the new CA loads and its key matches
-    return config
+    return CAConfig.load(state_dir)
 
 
 def install_cert(state_dir: Path, cert: Path, chain: Path | None, root: Path,
@@ -195,7 +195,7 @@ def install_cert(state_dir: Path, cert: Path, chain: Path | None, root: Path,
     chain_certs = load_pem_certificates(chain) if chain else []
     roots = load_pem_certificates(root)
     validate_material(signing[0], chain_certs or signing[1:], roots, now)
-    signer = open_signer(config, state_dir)
+    signer = open_signer(config.signer, state_dir)
     try:
         pub = serialization.PublicFormat.SubjectPublicKeyInfo
         if (signer.public_key.public_bytes(serialization.Encoding.DER, pub)
@@ -206,10 +206,9 @@ def install_cert(state_dir: Path, cert: Path, chain: Path | None, root: Path,
     _write_pem(state_dir / SIGNING_CERT_FILE, signing[:1])
     _write_pem(state_dir / CERT_CHAIN_FILE, [signing[0], *(chain_certs or signing[1:])])
     _write_pem(state_dir / ROOT_CERT_FILE, roots)
-    config = replace(config, pending_csr=None)
-    config.save(state_dir)
+    write_lifecycle(state_dir, pending_csr=None)
     load_ca(state_dir, now).close()
-    return config
+    return CAConfig.load(state_dir)
 
 
 def _new_software_key(key_type: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:

@@ -16,7 +16,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from fastca.ca.state import CERT_CHAIN_FILE, ROOT_CERT_FILE, SIGNING_CERT_FILE, CAConfig
+from fastca.ca.state import CERT_CHAIN_FILE, ROOT_CERT_FILE, SIGNING_CERT_FILE
+from fastca.config import CAConfig, SignerConfig, resolve_path
 from fastca.errors import CANotReady, ConfigurationError
 from fastca.signing.base import Signer
 
@@ -134,19 +135,19 @@ def load_ca_material(state_dir: Path, now: dt.datetime) -> CAMaterial:
     return validate_material(signing[0], chain, roots, now)
 
 
-def open_signer(config: CAConfig, state_dir: Path) -> Signer:
-    backend = config.signer.backend
+def open_signer(signer: SignerConfig, state_dir: Path) -> Signer:
+    backend = signer.backend
     if backend == "pkcs11":
         from fastca.signing.pkcs11 import Pkcs11Signer
 
-        if not config.signer.key_uri:
+        if not signer.key_uri:
             raise ConfigurationError("signer.key_uri is not set in fastca.toml")
-        conf = config.path(state_dir, config.signer.softhsm_conf)
-        return Pkcs11Signer(config.signer.key_uri, softhsm_conf=str(conf.resolve()) if conf else None)
+        conf = resolve_path(state_dir, signer.softhsm_conf)
+        return Pkcs11Signer(signer.key_uri, softhsm_conf=str(conf.resolve()) if conf else None)
     if backend == "software":
         from fastca.signing.software import SoftwareSigner
 
-        key_file = config.path(state_dir, config.signer.key_file)
+        key_file = resolve_path(state_dir, signer.key_file)
         if key_file is None:
             raise ConfigurationError("signer.key_file is not set in fastca.toml")
         return SoftwareSigner.from_pem_file(str(key_file))
@@ -174,7 +175,7 @@ def load_ca(state_dir: Path, now: dt.datetime | None = None) -> LoadedCA:
         raise CANotReady(f"the CA in {state_dir} waits for its certificate: sign {config.pending_csr} "
                          "upstream, then run `fastca init --install-cert`")
     material = load_ca_material(state_dir, now or dt.datetime.now(dt.timezone.utc))
-    signer = open_signer(config, state_dir)
+    signer = open_signer(config.signer, state_dir)
     if _public_der(signer.public_key) != _public_der(material.signing_cert.public_key()):
         signer.close()
         raise ConfigurationError("the signer's key does not match the signing certificate's public key")

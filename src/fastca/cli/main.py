@@ -14,14 +14,17 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fastca.ca.state import IssuanceConfig, default_state_dir
+from fastca.ca.state import default_state_dir
+from fastca.config import IssuanceConfig
 from fastca.cli import inspect_cmd
+from fastca.cli.audit_cmd import audit_app
 from fastca.errors import ConfigurationError, FastcaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fastca: a high-performance CA for service meshes, with its key in an HSM.")
 hsm_app = typer.Typer(no_args_is_help=True, help="Look at PKCS#11 modules and tokens.")
 app.add_typer(hsm_app, name="hsm")
+app.add_typer(audit_app, name="audit")
 err = Console(stderr=True, emoji=False, soft_wrap=True)
 out = Console(emoji=False)
 
@@ -129,6 +132,32 @@ def inspect(
         inspect_cmd.render(described, out)
 
 
+@app.command()
+def serve(
+    state: Optional[Path] = StateOption,
+    listen: Optional[str] = typer.Option(None, help="gRPC address [default: server.listen, 127.0.0.1:15012]"),
+    metrics: Optional[str] = typer.Option(None, help="Prometheus address [default: server.metrics_listen, "
+                                          "127.0.0.1:15014]"),
+    mtls_listen: Optional[str] = typer.Option(None, help="extra port that requires client certificates (VMs)"),
+    plaintext: bool = typer.Option(False, "--plaintext", help="no TLS (Istio's :15010 case)"),
+) -> None:
+    """Serve istio.v1.auth.IstioCertificateService until SIGTERM."""
+    from fastca.config import CAConfig
+    from fastca.frontend.server import serve as run_server
+    from fastca.observability.logging import configure_logging
+
+    configure_logging()
+    state_dir = _state(state)
+    config = CAConfig.load(state_dir)
+    overrides = {key: value for key, value in (("listen", listen), ("metrics_listen", metrics),
+                                               ("mtls_listen", mtls_listen)) if value is not None}
+    if plaintext:
+        overrides["plaintext"] = True
+    if overrides:
+        config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    run_server(state_dir, config)
+
+
 @hsm_app.command("list")
 def hsm_list(
     state: Optional[Path] = StateOption,
@@ -137,7 +166,7 @@ def hsm_list(
 ) -> None:
     """Tokens and keys of the configured PKCS#11 module, as PKCS#11 URIs."""
     from fastca.ca import hsm, softhsm
-    from fastca.ca.state import CAConfig
+    from fastca.config import CAConfig
     from fastca.signing.pkcs11_uri import Pkcs11Uri
 
     state_dir = _state(state)

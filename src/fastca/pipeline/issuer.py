@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fastca import _native
 from fastca.ca.material import CAMaterial
-from fastca.ca.state import IssuanceConfig
+from fastca.config import IssuanceConfig
 from fastca.chain import istio_chain_tail
 from fastca.errors import CANotReady, FastcaError, InvalidRequest, SigningFailed
 from fastca.policy.ttl import validity_window
@@ -39,6 +39,7 @@ class IssueRequest:
     identity: str                    # the authorised SPIFFE ID: the certificate's only URI SAN
     ttl_seconds: int | None = None   # None or <= 0: the configured default
     dns_names: tuple[str, ...] = ()  # only where policy allows them
+    strict_csr: bool = False         # the CSR's URI SANs must be exactly [identity] (istio-csr's rule)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class Issuer:
     seconds and is injected so tests can move time (SPIRE does the same)."""
 
     def __init__(self, material: CAMaterial, signer: Signer, issuance: IssuanceConfig,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 sign_observer: Callable[[float], None] | None = None) -> None:
         ca_spki = material.signing_cert.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         signer_spki = signer.public_key.public_bytes(
@@ -90,6 +92,7 @@ class Issuer:
         self._signer = signer
         self._issuance = issuance
         self._clock = clock
+        self._sign_observer = sign_observer
         self._signer_not_after = int(material.not_after.timestamp())
         self._profile = _native.IssuerProfile(
             material.subject_der, material.subject_key_id, signer.algorithm_identifier,
@@ -115,7 +118,7 @@ class Issuer:
                 not_before, not_after = validity_window(
                     request.ttl_seconds, now=now, default_ttl=issuance.default_ttl_seconds,
                     max_ttl=issuance.max_ttl_seconds, backdate=issuance.backdate_seconds,
-                    signer_not_after=self._signer_not_after)
+                    signer_not_after=self._signer_not_after, clamp_to_max=issuance.over_max_ttl == "clamp")
             except FastcaError as error:
                 results[i] = error
                 continue
@@ -131,14 +134,21 @@ class Issuer:
         for i, item in zip(spec_index, prepared):
             if isinstance(item, _native.NativeError):
                 results[i] = _to_error(item)
+            elif requests[i].strict_csr and (item.csr.uris != [requests[i].identity] or item.csr.dns_names
+                                             or item.csr.ip_addresses or item.csr.emails):
+                results[i] = InvalidRequest("strict CSR mode: the CSR must request exactly the caller's identity "
+                                            f"({requests[i].identity}) as its only SAN")
             else:
                 to_sign.append(item)
                 sign_index.append(i)
 
         if to_sign:
             tbs = [leaf.tbs for leaf in to_sign]
+            started = time.perf_counter()
             try:
                 signatures = self._signer.sign_many(tbs)
+                if self._sign_observer is not None:
+                    self._sign_observer(time.perf_counter() - started)
             except FastcaError as error:
                 for i in sign_index:
                     results[i] = error

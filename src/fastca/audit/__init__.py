@@ -1,0 +1,13 @@
+"""The issuance audit log: every certificate recorded durably before it is returned.
+
+    log = open_audit_log(AuditConfig(), state_dir)
+    await log.record(IssuanceRecord.from_issued(issued, caller_identities=..., ...))
+    # only now send the certificate; CANotReady / Overloaded mean: do not.
+"""
+
+from fastca.audit.config import AuditConfig, audit_path, open_audit_log
+from fastca.audit.record import IssuanceRecord, normalize_serial
+from fastca.audit.sqlite_log import AuditReader, SqliteAuditLog
+
+__all__ = ["AuditConfig", "AuditReader", "IssuanceRecord", "SqliteAuditLog", "audit_path", "normalize_serial",
+           "open_audit_log"]

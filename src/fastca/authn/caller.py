@@ -1,0 +1,70 @@
+"""Who is calling: what authenticators produce and everything after them consumes."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, runtime_checkable
+
+__all__ = ["KubernetesInfo", "Caller", "RequestInfo", "Authenticator"]
+
+
+@dataclass(frozen=True)
+class KubernetesInfo:
+    namespace: str
+    service_account: str
+    pod_name: str | None = None
+    pod_uid: str | None = None
+    cluster_id: str = ""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller. ``identities`` are what istiod calls the
+    caller's identities: SPIFFE IDs (or DNS names / IPs for XFCC and client
+    certificates), in the order the credential gave them."""
+
+    identities: tuple[str, ...]
+    credential_type: str                      # "mtls" | "k8s-tokenreview" | "oidc" | "xfcc" | plug-in name
+    kubernetes: KubernetesInfo | None = None
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What an authenticator may look at. Built by the front end per call."""
+
+    metadata: Mapping[str, str]               # lower-case keys, first value of each
+    peer: str                                 # gRPC peer string, e.g. "ipv4:127.0.0.1:52100"
+    peer_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    # DER certificates the TLS layer verified against the CA roots, leaf first;
+    # empty when the peer presented none.
+    peer_certificates: tuple[bytes, ...] = field(default=())
+
+    @property
+    def bearer_token(self) -> str | None:
+        value = self.metadata.get("authorization")
+        if value is None:
+            return None
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return token.strip()
+
+    @property
+    def cluster_id(self) -> str:
+        return self.metadata.get("clusterid", "")
+
+    def __repr__(self) -> str:
+        # Never print the metadata: it carries bearer tokens.
+        return f"RequestInfo(peer={self.peer!r}, headers={sorted(self.metadata)}, certs={len(self.peer_certificates)})"
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    """One way of authenticating. Returns None when the request carries no
+    credential of its kind; raises fastca.errors.AuthenticationFailed (with
+    an internal detail) when it carries one that does not hold."""
+
+    name: str
+
+    async def authenticate(self, request: RequestInfo) -> Caller | None: ...

@@ -1,0 +1,214 @@
+"""Kubernetes service-account tokens, checked by the API server (TokenReview).
+
+istiod's KubeJWTAuthenticator, plus what it leaves out: the review's
+``status.audiences`` must hold one of ours (a token the API server accepts
+for other audiences is not a token for the CA). Successful reviews are kept
+for a short, bounded time so a restart storm of agents does not become one
+of TokenReviews.
+
+The token is a credential: it is hashed before it is used as a key and
+appears in no log, error or repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import httpx
+
+from fastca.authn._kube import KubernetesApi
+from fastca.authn.caller import Caller, KubernetesInfo, RequestInfo
+from fastca.authn.config import TokenReviewCluster
+from fastca.authn.serviceaccount import parse_service_account_username, service_account_spiffe_id
+from fastca.errors import AuthenticationFailed
+
+__all__ = ["TokenReviewAuthenticator", "TokenReviewCache", "token_expiry"]
+
+log = logging.getLogger(__name__)
+
+TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+SERVICE_ACCOUNTS_GROUP = "system:serviceaccounts"
+POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
+POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
+MAX_TOKEN_BYTES = 16 * 1024
+
+
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` of a JWT, read WITHOUT verifying it. Used only to never
+    cache a review past the token's own expiry; None if there is none."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, TypeError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        return None
+    return float(exp)
+
+
+class TokenReviewCache:
+    """A bounded LRU of successful reviews: key → (caller, wall-clock expiry)."""
+
+    def __init__(self, size: int, ttl: float, clock: Callable[[], float]) -> None:
+        self.size, self.ttl, self._clock = size, ttl, clock
+        self._entries: OrderedDict[bytes, tuple[Caller, float]] = OrderedDict()
+
+    @staticmethod
+    def key(cluster_id: str, token: str) -> bytes:
+        return hashlib.sha256(cluster_id.encode() + b"\0" + token.encode()).digest()
+
+    def get(self, key: bytes) -> Caller | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        caller, expires = entry
+        if self._clock() >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return caller
+
+    def put(self, key: bytes, caller: Caller, token_exp: float | None) -> None:
+        if self.size <= 0 or self.ttl <= 0:
+            return
+        expires = self._clock() + self.ttl
+        if token_exp is not None:
+            expires = min(expires, token_exp)
+        if expires <= self._clock():
+            return
+        self._entries[key] = (caller, expires)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"TokenReviewCache(size={self.size}, ttl={self.ttl}, entries={len(self._entries)})"
+
+
+class TokenReviewAuthenticator:
+    """Bearer token → TokenReview on the cluster the ``clusterid`` header
+    names (empty: the first configured cluster; unknown: failure)."""
+
+    name = "tokenreview"
+
+    def __init__(self, clusters: Sequence[TokenReviewCluster], *, trust_domain: str, cache_size: int = 10_000,
+                 cache_ttl: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+        if not clusters:
+            raise ValueError("TokenReviewAuthenticator needs at least one cluster")
+        self.trust_domain = trust_domain
+        self._apis = {c.cluster_id: KubernetesApi(c) for c in clusters}
+        self._default = clusters[0].cluster_id
+        self._clock = clock
+        self.cache = TokenReviewCache(cache_size, cache_ttl, clock)
+        # Concurrent requests with one token share one review.
+        self._inflight: dict[bytes, asyncio.Task[Caller]] = {}
+
+    def __repr__(self) -> str:
+        return f"TokenReviewAuthenticator(clusters={list(self._apis)}, {self.cache!r})"
+
+    async def authenticate(self, request: RequestInfo) -> Caller | None:
+        token = request.bearer_token
+        if token is None:
+            return None
+        if len(token) > MAX_TOKEN_BYTES:
+            raise AuthenticationFailed("bearer token too large")
+        cluster_id = request.cluster_id or self._default
+        api = self._apis.get(cluster_id)
+        if api is None:
+            raise AuthenticationFailed(f"unknown cluster {cluster_id!r}")
+
+        key = TokenReviewCache.key(cluster_id, token)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._review_and_cache(api, token, key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t, key=key: self._finished(key, t))
+        # Shielded: one caller giving up must not cancel the review the
+        # others wait for.
+        return await asyncio.shield(task)
+
+    def _finished(self, key: bytes, task: asyncio.Task[Caller]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()   # retrieved: every waiter may have gone
+
+    async def _review_and_cache(self, api: KubernetesApi, token: str, key: bytes) -> Caller:
+        caller = await self._review(api, token)
+        self.cache.put(key, caller, token_expiry(token))
+        return caller
+
+    async def _review(self, api: KubernetesApi, token: str) -> Caller:
+        cluster = api.cluster
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token, "audiences": list(cluster.audiences)}}
+        try:
+            client = await api.client()
+            response = await client.post(TOKENREVIEW_PATH, json=body, headers=api.headers())
+        except httpx.TimeoutException:
+            raise AuthenticationFailed(f"TokenReview on {cluster.api_server} timed out") from None
+        except (httpx.HTTPError, OSError) as exc:
+            raise AuthenticationFailed(f"TokenReview on {cluster.api_server} failed: {type(exc).__name__}") from None
+        if response.status_code not in (200, 201):
+            raise AuthenticationFailed(f"TokenReview on {cluster.api_server}: HTTP {response.status_code}")
+        try:
+            review = response.json()
+        except ValueError:
+            raise AuthenticationFailed("TokenReview response is not JSON") from None
+        return self._caller_from_review(review, cluster)
+
+    def _caller_from_review(self, review: Any, cluster: TokenReviewCluster) -> Caller:
+        status = review.get("status") if isinstance(review, dict) else None
+        if not isinstance(status, dict):
+            raise AuthenticationFailed("TokenReview response has no status")
+        if status.get("authenticated") is not True:
+            error = status.get("error")
+            reason = f": {error[:200]}" if isinstance(error, str) and error else ""
+            raise AuthenticationFailed(f"token not authenticated{reason}")
+        audiences = status.get("audiences")
+        if not isinstance(audiences, list) or not set(cluster.audiences) & {a for a in audiences if isinstance(a, str)}:
+            raise AuthenticationFailed(f"token is not for audiences {list(cluster.audiences)}")
+        user = status.get("user")
+        if not isinstance(user, dict):
+            raise AuthenticationFailed("TokenReview status has no user")
+        groups = user.get("groups")
+        if not isinstance(groups, list) or SERVICE_ACCOUNTS_GROUP not in groups:
+            raise AuthenticationFailed(f"user is not in group {SERVICE_ACCOUNTS_GROUP}")
+        parsed = parse_service_account_username(user.get("username"))
+        if parsed is None:
+            raise AuthenticationFailed("username is not system:serviceaccount:<namespace>:<name>")
+        namespace, service_account = parsed
+        extra = user.get("extra")
+        extra = extra if isinstance(extra, dict) else {}
+        return Caller(
+            identities=(service_account_spiffe_id(self.trust_domain, namespace, service_account),),
+            credential_type="k8s-tokenreview",
+            kubernetes=KubernetesInfo(namespace=namespace, service_account=service_account,
+                                      pod_name=_first(extra.get(POD_NAME_KEY)), pod_uid=_first(extra.get(POD_UID_KEY)),
+                                      cluster_id=cluster.cluster_id))
+
+    async def aclose(self) -> None:
+        for api in self._apis.values():
+            await api.aclose()
+
+
+def _first(value: Any) -> str | None:
+    """``user.extra`` values are lists of strings; the pod facts hold one."""
+    if isinstance(value, list) and value and isinstance(value[0], str) and value[0]:
+        return value[0]
+    return None

@@ -1,0 +1,195 @@
+"""The CA's configuration: ``fastca.toml`` in the state directory, every key
+also settable from the environment as ``FASTCA_<SECTION>__<KEY>`` (for
+example ``FASTCA_ISSUANCE__MAX_TTL_SECONDS=3600``); the environment wins.
+
+Only lifecycle keys are written by ``fastca init``; everything else has a
+default here, and a key a user adds to the file survives later ``init``
+steps that rewrite the lifecycle keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fastca.audit.config import AuditConfig
+from fastca.authn.config import AuthnConfig
+from fastca.ca.state import CONFIG_FILE
+from fastca.errors import ConfigurationError
+
+__all__ = ["CAConfig", "write_lifecycle", "resolve_path", "SignerConfig", "IssuanceConfig", "ServerConfig", "PolicyConfig", "RateLimitConfig",
+           "TimeWindowRule", "SourceNetworkRule", "NamedSignerConfig"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SignerConfig(_Section):
+    backend: Literal["pkcs11", "software"] = "pkcs11"
+    key_uri: str | None = None          # RFC 7512 URI; pin-source=file: (never pin-value) preferred
+    softhsm_conf: str | None = None     # the embedded SoftHSM token's configuration, relative to the state dir
+    key_file: str | None = None         # software backend: PEM private key, relative to the state dir
+    key_type: str | None = None         # informational: what `fastca init` generated
+
+
+class IssuanceConfig(_Section):
+    default_ttl_seconds: int = Field(86400, gt=0)
+    max_ttl_seconds: int = Field(90 * 86400, gt=0)
+    over_max_ttl: Literal["reject", "clamp"] = "reject"   # istiod rejects; istio-csr clamps
+    backdate_seconds: int = Field(120, ge=0)
+    istio_key_usage: bool = False       # True: digitalSignature+keyEncipherment on EC leaves too, like istiod
+
+
+class ServerConfig(_Section):
+    listen: str = "127.0.0.1:15012"
+    # grpcio's Python API cannot "request a client certificate and verify it
+    # if given" on one port (it either requires one or never asks), so
+    # client-certificate callers (VMs with PROV_CERT) use a second port that
+    # requires and verifies one. None: no such port.
+    mtls_listen: str | None = None
+    plaintext: bool = False             # Istio's :15010 case; no TLS at all
+    metrics_listen: str | None = "127.0.0.1:15014"
+    serving_dns_names: list[str] = ["localhost", "istiod.istio-system.svc"]
+    serving_cert_ttl_seconds: int = Field(86400, gt=60)
+    max_receive_message_bytes: int = Field(256 * 1024, gt=1024)
+    batch_max: int = Field(64, ge=1, le=4096)
+    batch_delay_us: int = Field(200, ge=0)
+    queue_limit: int = Field(4096, ge=1)
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+
+
+class RateLimitConfig(_Section):
+    per_identity_per_second: float | None = Field(None, gt=0)   # None: no limit
+    burst: int = Field(20, ge=1)
+    max_tracked_identities: int = Field(100_000, ge=1)
+
+
+class TimeWindowRule(_Section):
+    """Identities matching ``identities`` (fnmatch patterns) may obtain
+    certificates only between ``start`` and ``end`` (UTC, HH:MM)."""
+
+    identities: list[str]
+    start: str
+    end: str
+
+    @field_validator("start", "end")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        hours, _, minutes = value.partition(":")
+        if not (hours.isdigit() and minutes.isdigit() and 0 <= int(hours) < 24 and 0 <= int(minutes) < 60):
+            raise ValueError(f"{value!r} is not HH:MM")
+        return value
+
+
+class SourceNetworkRule(_Section):
+    """Identities matching ``identities`` may call only from ``cidrs``."""
+
+    identities: list[str]
+    cidrs: list[str]
+
+    @field_validator("cidrs")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)
+        return values
+
+
+class PolicyConfig(_Section):
+    strict_csr: bool = False            # CSR URI SANs must equal the caller's identity (istio-csr's rule)
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    time_windows: list[TimeWindowRule] = []
+    source_networks: list[SourceNetworkRule] = []
+
+
+class NamedSignerConfig(_Section):
+    """Another CA (its own state directory) that callers select with the
+    ``CertSigner`` metadata key."""
+
+    state_dir: str
+
+
+class CAConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FASTCA_", env_nested_delimiter="__", frozen=True,
+                                      extra="forbid")
+
+    trust_domain: str = "cluster.local"
+    signer: SignerConfig = SignerConfig()
+    issuance: IssuanceConfig = IssuanceConfig()
+    pending_csr: str | None = None      # set between `init --csr-out` and `init --install-cert`
+    server: ServerConfig = ServerConfig()
+    policy: PolicyConfig = PolicyConfig()
+    audit: AuditConfig = AuditConfig()
+    authn: AuthnConfig = AuthnConfig()
+    signers: dict[str, NamedSignerConfig] = {}
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # The file's values arrive as init arguments; the environment overrides them.
+        return (env_settings, init_settings)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> CAConfig:
+        path = state_dir / CONFIG_FILE
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigurationError(f"no CA in {state_dir}: run `fastca init --state {state_dir}` first") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{path} is not valid TOML: {exc}") from None
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], source: str = "configuration") -> CAConfig:
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigurationError(f"{source}: {problems}") from None
+
+    def path(self, state_dir: Path, name: str | None) -> Path | None:
+        return resolve_path(state_dir, name)
+
+
+def resolve_path(state_dir: Path, name: str | None) -> Path | None:
+    if name is None:
+        return None
+    candidate = Path(name)
+    return candidate if candidate.is_absolute() else state_dir / candidate
+
+
+def write_lifecycle(state_dir: Path, *, trust_domain: str | None = None, signer: SignerConfig | None = None,
+                    issuance: IssuanceConfig | None = None, pending_csr: str | None = None) -> None:
+    """Write the keys `fastca init` owns, keeping every other key already in
+    the file (a user's [server], [authn]… tables). The file, not the
+    environment, is what is written: FASTCA_* variables stay overrides."""
+    path = state_dir / CONFIG_FILE
+    try:
+        body = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        body = {}
+    if trust_domain is not None:
+        body["trust_domain"] = trust_domain
+    if signer is not None:
+        body["signer"] = signer.model_dump(exclude_none=True)
+    if issuance is not None:
+        body["issuance"] = {**body.get("issuance", {}), **issuance.model_dump()}
+    if pending_csr is None:
+        body.pop("pending_csr", None)
+    else:
+        body["pending_csr"] = pending_csr
+    text = ("# fastca CA configuration. Paths are relative to this directory. Every key can also be\n"
+            "# set from the environment as FASTCA_<SECTION>__<KEY>; see README.md for the sections.\n"
+            + tomli_w.dumps(body))
+    tmp = state_dir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

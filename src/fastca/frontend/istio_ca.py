@@ -1,0 +1,152 @@
+"""istio.v1.auth.IstioCertificateService/CreateCertificate.
+
+Thin: decode, then the ordered stages (authenticate -> choose signer ->
+impersonation -> identity -> policy -> issue -> audit), then map errors to
+the contract's status codes. The CSR is not looked at before the caller is
+authenticated (RELIABILITY 1).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from fastca.audit.record import IssuanceRecord
+from fastca.authn.caller import Caller
+from fastca.authn.chain import AuthenticatorChain
+from fastca.authn.node_authorizer import NodeAuthorizer
+from fastca.ca.material import CAMaterial
+from fastca.errors import (AuthenticationFailed, CANotReady, FastcaError, InvalidRequest, InvalidTTL,
+                           SigningFailed, grpc_status_of)
+from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
+from fastca.frontend.context import request_info
+from fastca.observability.logging import bind_request, get_logger, new_request_id
+from fastca.pipeline.batcher import Batcher
+from fastca.pipeline.issuer import IssuedCertificate, IssueRequest
+from fastca.policy.request import RequestPolicy, spiffe_identity_of
+
+__all__ = ["SignerRuntime", "IstioCertificateServicer", "SERVICE", "METHOD"]
+
+SERVICE = "istio.v1.auth.IstioCertificateService"
+METHOD = "CreateCertificate"
+IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+CERT_SIGNER = "CertSigner"
+_MAX_METADATA_FIELDS = 16
+_MAX_METADATA_VALUE_BYTES = 4096
+
+log = get_logger("fastca.frontend")
+
+
+@dataclass
+class SignerRuntime:
+    """One named signer as the front end uses it."""
+
+    name: str
+    material: CAMaterial
+    batcher: Batcher
+
+
+def _metadata_strings(struct: Any) -> dict[str, str]:
+    """The Struct's string values. Agents send only strings; anything else
+    (nested structs, lists, numbers) is refused before any CSR parsing."""
+    fields = struct.fields
+    if len(fields) > _MAX_METADATA_FIELDS:
+        raise InvalidRequest(f"metadata has {len(fields)} fields; at most {_MAX_METADATA_FIELDS} are accepted")
+    out: dict[str, str] = {}
+    for key, value in fields.items():
+        if value.WhichOneof("kind") != "string_value":
+            raise InvalidRequest(f"metadata value {key!r} must be a string")
+        if len(value.string_value) > _MAX_METADATA_VALUE_BYTES:
+            raise InvalidRequest(f"metadata value {key!r} is too long")
+        out[key] = value.string_value
+    return out
+
+
+def _sign_error_kind(error: FastcaError) -> str | None:
+    if isinstance(error, InvalidTTL):
+        return "TTL_ERROR"
+    if isinstance(error, InvalidRequest):
+        return "CSR_ERROR"
+    if isinstance(error, CANotReady):
+        return "CA_NOT_READY"
+    if isinstance(error, SigningFailed):
+        return "CERT_GEN_ERROR"
+    return None
+
+
+class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer):
+    def __init__(self, *, trust_domain: str, authenticators: AuthenticatorChain,
+                 node_authorizer: NodeAuthorizer | None, policy: RequestPolicy,
+                 signers: dict[str, SignerRuntime], default_signer: str, audit: Any, metrics: Any) -> None:
+        self._trust_domain = trust_domain
+        self._authenticators = authenticators
+        self._node_authorizer = node_authorizer
+        self._policy = policy
+        self._signers = signers
+        self._default_signer = default_signer
+        self._audit = audit
+        self._metrics = metrics
+
+    async def CreateCertificate(self, request: istio_ca_pb2.IstioCertificateRequest,  # noqa: N802 - gRPC name
+                                context: grpc.aio.ServicerContext) -> istio_ca_pb2.IstioCertificateResponse:
+        started = time.perf_counter()
+        request_id = new_request_id()
+        code = "OK"
+        self._metrics.csr_received()
+        with bind_request(request_id, context.peer(), METHOD):
+            try:
+                issued, caller, signer, impersonated, cluster_id = await self._create(request, context)
+                await self._audit.record(IssuanceRecord(
+                    serial=f"{issued.serial:x}", identity=issued.identity, caller_identities=caller.identities,
+                    credential_type=caller.credential_type, key_type=issued.key_type,
+                    not_before=issued.not_before, not_after=issued.not_after, signer=signer,
+                    fingerprint_sha256=issued.fingerprint_sha256, peer=context.peer() or "",
+                    request_id=request_id, issued_at=dt.datetime.now(dt.timezone.utc),
+                    impersonated=impersonated, cluster_id=cluster_id))
+                self._metrics.issued()
+                self._metrics.observe_issuance(time.perf_counter() - started)
+                log.info("certificate issued", identity=issued.identity, serial=f"{issued.serial:x}", signer=signer,
+                         credential=caller.credential_type, not_after=issued.not_after.isoformat())
+                return istio_ca_pb2.IstioCertificateResponse(cert_chain=list(issued.chain))
+            except FastcaError as error:
+                code = grpc_status_of(error)
+                if isinstance(error, AuthenticationFailed):
+                    self._metrics.authentication_failed(type(error).__name__)
+                kind = _sign_error_kind(error)
+                if kind is not None:
+                    self._metrics.sign_error(kind)
+                log.warning("request refused", code=code, reason=str(error))
+                await context.abort(getattr(grpc.StatusCode, code), error.public_message)
+            finally:
+                self._metrics.request_finished(SERVICE, METHOD, code, time.perf_counter() - started)
+
+    async def _create(self, request: istio_ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext
+                      ) -> tuple[IssuedCertificate, Caller, str, bool, str]:
+        info = request_info(context)
+        caller = await self._authenticators.authenticate(info)
+        metadata = _metadata_strings(request.metadata)
+
+        signer_name = metadata.get(CERT_SIGNER, "") or self._default_signer
+        runtime = self._signers.get(signer_name)
+        if runtime is None:
+            raise InvalidRequest(f"unknown CertSigner {signer_name!r}")
+
+        requested = metadata.get(IMPERSONATED_IDENTITY, "")
+        if requested:
+            if self._node_authorizer is None:
+                raise AuthenticationFailed("impersonation requested but no trusted node accounts are configured",
+                                           public_message="request impersonation authentication failure")
+            await self._node_authorizer.authorize(caller, requested, self._trust_domain)
+            identity = requested
+        else:
+            identity = spiffe_identity_of(caller, self._trust_domain)
+
+        self._policy.check(identity, info.peer_ip)
+        issued = await runtime.batcher.submit(IssueRequest(
+            csr=request.csr.encode(), identity=identity,
+            ttl_seconds=request.validity_duration, strict_csr=self._policy.strict_csr and not requested))
+        return issued, caller, signer_name, bool(requested), info.cluster_id

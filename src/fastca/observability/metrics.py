@@ -1,0 +1,248 @@
+"""Prometheus metrics: fastca's own, and the names Istio users already chart.
+
+Each ``Metrics`` owns its ``CollectorRegistry`` (never the global one), so
+several instances and tests do not collide. Three groups of series:
+
+* ``fastca_*``: requests, issuance latency, batch sizes, HSM signing time,
+  queue depth, CA expiry, audit commit time, authentication failures.
+* Istio's ``citadel_server_*`` exactly as istiod exports them: no ``_total``
+  suffix. prometheus_client renames counters (``x`` -> ``x_total``), so these
+  come from a custom collector as *untyped* series with the exact name:
+  ``citadel_server_csr_count 3``. PromQL's ``rate()`` works on them as on
+  any counter; the values only ever grow.
+* go-grpc-prometheus's ``grpc_server_handled_total`` and
+  ``grpc_server_handling_seconds`` (with its ``grpc_type="unary"`` label).
+
+No series carries a secret or an identity: label values are method names,
+status codes, signer names and short reason words. Unexpected label values
+(anything not a short word) collapse to ``other`` to bound cardinality.
+``_created`` series are left out.
+
+Every recording method is thread-safe and costs a few microseconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from typing import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric, UnknownMetricFamily
+from prometheus_client.exposition import start_http_server as _start_http_server
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "SIGN_ERROR_KINDS", "ISSUANCE_BUCKETS"]
+
+SIGN_ERROR_KINDS = ("CA_NOT_READY", "CSR_ERROR", "TTL_ERROR", "CERT_GEN_ERROR")
+
+# 100 µs .. 1 s, roughly 1-2-5 per decade, plus a tail for overload.
+ISSUANCE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+COMMIT_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+                  2.5)
+
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
+
+
+def _label(value: str) -> str:
+    return value if isinstance(value, str) and _LABEL_VALUE.match(value) else "other"
+
+
+def _timestamp(value: dt.datetime) -> float:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.timestamp()
+
+
+class _WithoutCreated(Collector):
+    """Re-exposes a registry without prometheus_client's ``*_created`` series
+    (go-grpc-prometheus and istiod have none)."""
+
+    def __init__(self, inner: CollectorRegistry) -> None:
+        self._inner = inner
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._inner.collect():
+            suffix = metric.name + "_created"
+            if any(sample.name == suffix for sample in metric.samples):
+                metric.samples = [sample for sample in metric.samples if sample.name != suffix]
+            yield metric
+
+
+class _CitadelCollector(Collector):
+    """Istio's citadel_server_* series under their exact names."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        with m._lock:
+            csr, auth_failures, issued = m._csr_count, m._auth_failure_count, m._success_count
+            sign_errors = dict(m._sign_err_count)
+            root_expiry, chain_expiry = m._root_expiry, m._chain_expiry
+        yield UnknownMetricFamily("citadel_server_csr_count", "The number of CSRs received by the CA server.",
+                                  value=csr)
+        yield UnknownMetricFamily("citadel_server_authentication_failure_count",
+                                  "The number of authentication failures.", value=auth_failures)
+        yield UnknownMetricFamily("citadel_server_success_cert_issuance_count",
+                                  "The number of certificates issuance that have succeeded.", value=issued)
+        family = UnknownMetricFamily("citadel_server_csr_sign_err_count",
+                                     "The number of errors occurred when signing the CSR.", labels=["error"])
+        for kind in SIGN_ERROR_KINDS:
+            family.add_metric([kind], sign_errors[kind])
+        yield family
+        if root_expiry is not None:
+            yield GaugeMetricFamily("citadel_server_root_cert_expiry_timestamp",
+                                    "The unix timestamp, in seconds, when the root cert will expire.",
+                                    value=root_expiry)
+        if chain_expiry is not None:
+            yield GaugeMetricFamily("citadel_server_cert_chain_expiry_timestamp",
+                                    "The unix timestamp, in seconds, when the CA cert chain will expire.",
+                                    value=chain_expiry)
+
+
+class Metrics:
+    """The server's metrics. ``default_signer`` names the signer whose CA
+    expiry the citadel_* gauges report."""
+
+    def __init__(self, default_signer: str = "default") -> None:
+        self.default_signer = default_signer
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._lock = threading.Lock()
+        self._csr_count = 0
+        self._auth_failure_count = 0
+        self._success_count = 0
+        self._sign_err_count = {kind: 0 for kind in SIGN_ERROR_KINDS}
+        self._root_expiry: float | None = None
+        self._chain_expiry: float | None = None
+        self._server: object | None = None
+        self._server_thread: threading.Thread | None = None
+
+        inner = CollectorRegistry(auto_describe=False)
+        self._requests = Counter("fastca_requests", "RPCs handled, by method and gRPC status code.",
+                                 ["method", "code"], registry=inner)
+        self._issuance = Histogram("fastca_issuance_seconds",
+                                   "Time from a CSR's arrival to its certificate (or error), seconds.",
+                                   buckets=ISSUANCE_BUCKETS, registry=inner)
+        self._batch = Histogram("fastca_batch_size", "Certificates signed per batch.", buckets=BATCH_BUCKETS,
+                                registry=inner)
+        self._hsm_sign = Histogram("fastca_hsm_sign_seconds", "Time to sign one batch in the HSM, seconds.",
+                                   ["signer"], buckets=ISSUANCE_BUCKETS, registry=inner)
+        self._queue_depth = Gauge("fastca_queue_depth", "Requests waiting for a batch.", registry=inner)
+        self._ca_expiry = Gauge("fastca_ca_expiry_timestamp_seconds",
+                                "Unix time at which a signer's root or certificate chain expires.",
+                                ["signer", "kind"], registry=inner)
+        self._audit_commit = Histogram("fastca_audit_commit_seconds",
+                                       "Time to commit one audit transaction (group commit), seconds.",
+                                       buckets=COMMIT_BUCKETS, registry=inner)
+        self._auth_failures = Counter("fastca_authentication_failures",
+                                      "Requests whose credentials were rejected, by reason.", ["reason"],
+                                      registry=inner)
+        self._grpc_handled = Counter("grpc_server_handled", "Total number of RPCs completed on the server, "
+                                     "regardless of success or failure.",
+                                     ["grpc_type", "grpc_service", "grpc_method", "grpc_code"], registry=inner)
+        self._grpc_seconds = Histogram("grpc_server_handling_seconds", "Histogram of response latency "
+                                       "(seconds) of gRPC that had been application-level handled by the server.",
+                                       ["grpc_type", "grpc_service", "grpc_method"], buckets=ISSUANCE_BUCKETS,
+                                       registry=inner)
+        self.registry.register(_WithoutCreated(inner))
+        self.registry.register(_CitadelCollector(self))
+
+    # -- the Istio CA contract ---------------------------------------------
+
+    def csr_received(self) -> None:
+        with self._lock:
+            self._csr_count += 1
+
+    def authentication_failed(self, reason: str) -> None:
+        """``reason``: a short word such as "no_credential", "token_invalid"."""
+        with self._lock:
+            self._auth_failure_count += 1
+        self._auth_failures.labels(_label(reason)).inc()
+
+    def issued(self, count: int = 1) -> None:
+        with self._lock:
+            self._success_count += count
+
+    def sign_error(self, kind: str) -> None:
+        """``kind``: one of SIGN_ERROR_KINDS (Istio's ``error`` label values)."""
+        if kind not in self._sign_err_count:
+            raise ValueError(f"sign error kind must be one of {SIGN_ERROR_KINDS}, not {kind!r}")
+        with self._lock:
+            self._sign_err_count[kind] += 1
+
+    # -- RPCs --------------------------------------------------------------
+
+    def request_finished(self, service: str, method: str, code: str, seconds: float) -> None:
+        """One finished unary RPC: ``service`` as in the gRPC path
+        ("istio.v1.auth.IstioCertificateService"), ``method`` ("CreateCertificate"),
+        ``code`` a grpc.StatusCode name ("OK", "UNAVAILABLE", ...)."""
+        service, method, code = _label(service), _label(method), _label(code)
+        self._requests.labels(method, code).inc()
+        self._grpc_handled.labels("unary", service, method, code).inc()
+        self._grpc_seconds.labels("unary", service, method).observe(seconds)
+
+    # -- the pipeline --------------------------------------------------------
+
+    def observe_issuance(self, seconds: float) -> None:
+        self._issuance.observe(seconds)
+
+    def observe_batch(self, size: int) -> None:
+        self._batch.observe(size)
+
+    def observe_hsm_sign(self, signer: str, seconds: float) -> None:
+        self._hsm_sign.labels(_label(signer)).observe(seconds)
+
+    def set_queue_depth(self, n: int) -> None:
+        self._queue_depth.set(n)
+
+    def observe_audit_commit(self, seconds: float) -> None:
+        self._audit_commit.observe(seconds)
+
+    def audit_committed(self, records: int, seconds: float) -> None:
+        """Shaped as SqliteAuditLog's ``on_commit`` callback."""
+        self._audit_commit.observe(seconds)
+
+    # -- CA lifecycle --------------------------------------------------------
+
+    def set_ca_expiry(self, signer: str, root_not_after: dt.datetime, chain_not_after: dt.datetime) -> None:
+        """``root_not_after``: the earliest expiry in the root bundle;
+        ``chain_not_after``: the earliest in the signing cert + intermediates."""
+        root, chain = _timestamp(root_not_after), _timestamp(chain_not_after)
+        label = _label(signer)
+        self._ca_expiry.labels(label, "root").set(root)
+        self._ca_expiry.labels(label, "chain").set(chain)
+        if signer == self.default_signer:
+            with self._lock:
+                self._root_expiry, self._chain_expiry = root, chain
+
+    # -- exposition ----------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text format (what /metrics serves by default)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def start_http_server(self, host: str = "0.0.0.0", port: int = 15014) -> tuple[object, threading.Thread]:
+        """Serve /metrics for this registry on a daemon thread. ``port=0``
+        picks a free port: read it from ``server.server_address[1]``."""
+        if self._server is not None:
+            raise RuntimeError("the metrics server is already running")
+        server, thread = _start_http_server(port, addr=host, registry=self.registry)
+        self._server, self._server_thread = server, thread
+        return server, thread
+
+    def stop(self) -> None:
+        """Stop the HTTP server (idempotent)."""
+        server, thread = self._server, self._server_thread
+        self._server = self._server_thread = None
+        if server is not None:
+            server.shutdown()        # type: ignore[attr-defined]
+            server.server_close()    # type: ignore[attr-defined]
+        if thread is not None:
+            thread.join(timeout=5)

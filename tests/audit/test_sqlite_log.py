@@ -1,0 +1,364 @@
+"""The audit log: group commit, durability, failures, back-pressure, reads."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fastca.audit import (
+    AuditConfig,
+    AuditReader,
+    IssuanceRecord,
+    SqliteAuditLog,
+    open_audit_log,
+)
+from fastca.audit.sqlite_log import SCHEMA_VERSION, _connect_writer
+from fastca.errors import CANotReady, ConfigurationError, Overloaded
+from tests.audit._factory import T0, make_record
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+def test_round_trip_and_reads(db: Path) -> None:
+    records = [make_record(i) for i in range(20)]
+    with SqliteAuditLog(db) as log:
+        log.record_many_sync(records)
+        assert log.count() == 20
+        assert log.get(records[3].serial) == records[3]
+        assert log.get(records[3].serial.upper()) == records[3]
+        assert log.get("ff" * 16 if records[0].serial != "ff" * 16 else "1") is None
+        newest = log.list(limit=5)
+        assert newest == records[::-1][:5]
+        assert log.list(identity=records[4].identity) == [records[4]]
+        window = log.list(since=T0 + dt.timedelta(seconds=5), until=T0 + dt.timedelta(seconds=8))
+        assert [r.serial for r in window] == [records[i].serial for i in (7, 6, 5)]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"issuance_serial", "issuance_identity", "issuance_issued_at"} <= indexes
+
+
+def test_record_normalises_and_validates() -> None:
+    record = make_record(1, serial="00:4A:3F")
+    assert record.serial == "4a3f"
+    with pytest.raises(ValueError):
+        make_record(1, serial="not-hex")
+    with pytest.raises(ValueError):
+        make_record(1, issued_at=dt.datetime(2025, 1, 1))   # naive
+    aware = make_record(1, issued_at=dt.datetime(2025, 1, 1, 3, tzinfo=dt.timezone(dt.timedelta(hours=3))))
+    assert aware.issued_at == T0 and aware.issued_at.tzinfo == dt.timezone.utc
+    assert record.to_dict()["caller_identities"] == list(record.caller_identities)
+
+
+def test_from_issued() -> None:
+    from fastca.pipeline.issuer import IssuedCertificate
+
+    issued = IssuedCertificate(der=b"", pem="", chain=(), serial=0x4A3F, not_before=T0,
+                               not_after=T0 + dt.timedelta(hours=1), identity="spiffe://td/ns/a/sa/b",
+                               key_type="rsa-2048", fingerprint_sha256="AB" * 32)
+    record = IssuanceRecord.from_issued(issued, caller_identities=["spiffe://td/ns/a/sa/b"],
+                                        credential_type="mtls", signer="default", peer="ipv4:1.2.3.4:5",
+                                        request_id="r1")
+    assert record.serial == "4a3f" and record.key_type == "rsa-2048" and record.fingerprint_sha256 == "ab" * 32
+    assert record.issued_at.tzinfo == dt.timezone.utc and not record.impersonated
+
+
+def test_concurrent_records_are_group_committed(db: Path) -> None:
+    commits: list[int] = []
+    log = SqliteAuditLog(db, on_commit=lambda n, s: commits.append(n))
+    thread_records = [[make_record(100_000 + t * 1000 + i) for i in range(50)] for t in range(4)]
+    async_records = [make_record(i) for i in range(2000)]
+
+    def thread_work(records: list[IssuanceRecord]) -> None:
+        for record in records:
+            log.record_many_sync([record])
+
+    async def main() -> None:
+        await asyncio.gather(*(log.record(r) for r in async_records))
+
+    threads = [threading.Thread(target=thread_work, args=(recs,)) for recs in thread_records]
+    for thread in threads:
+        thread.start()
+    asyncio.run(main())
+    for thread in threads:
+        thread.join()
+    total = 2000 + 4 * 50
+    try:
+        assert log.count() == total == log.recorded == sum(commits)
+        expected = {r.serial for r in async_records} | {r.serial for recs in thread_records for r in recs}
+        assert {r.serial for r in log.list(limit=total + 10)} == expected
+        assert log.commits == len(commits)
+        assert log.commits <= total // 10, f"{log.commits} transactions for {total} records"
+        assert max(commits) <= log.max_batch
+    finally:
+        log.close()
+
+
+def test_lone_record_pays_no_batch_delay(db: Path) -> None:
+    async def main() -> float:
+        with SqliteAuditLog(db, max_delay_s=0.5) as log:
+            await log.record(make_record(0))
+            start = time.perf_counter()
+            await log.record(make_record(1))
+            return time.perf_counter() - start
+
+    assert asyncio.run(main()) < 0.4
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_no_lost_records_when_killed(db: Path, mode: str) -> None:
+    """RELIABILITY 27: a serial the writer reported as recorded survives SIGKILL."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.audit._writer", str(db), mode], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed: list[str] = []
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n", proc.stderr.read() if proc.stderr else ""
+        while len(printed) < 600:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else "writer exited"
+            printed.append(line)
+        proc.send_signal(signal.SIGKILL)
+        printed.extend(proc.stdout.readlines())   # what was already in the pipe
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    serials = [line.strip() for line in printed if line.endswith("\n")]
+    reader = AuditReader(db)
+    try:
+        missing = [s for s in serials if reader.get(s) is None]
+        assert not missing, f"{len(missing)} of {len(serials)} acknowledged records lost"
+        assert reader.count() >= len(serials)
+    finally:
+        reader.close()
+
+
+class _FaultyConnection:
+    """A real connection whose COMMIT fails while ``fail`` is set (disk full)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.fail = False
+
+    def execute(self, sql: str, *args: object) -> object:
+        if self.fail and sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def executemany(self, sql: str, rows: object) -> object:
+        return self._conn.executemany(sql, rows)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def test_commit_failure_reports_nothing_recorded(db: Path) -> None:
+    faulty: list[_FaultyConnection] = []
+
+    def connect(path: Path) -> _FaultyConnection:
+        faulty.append(_FaultyConnection(_connect_writer(path)))
+        return faulty[0]
+
+    log = SqliteAuditLog(db, connect=connect)
+    try:
+        good = make_record(0)
+        log.record_many_sync([good])
+        faulty[0].fail = True
+        doomed = [make_record(i) for i in range(1, 200)]
+
+        async def main() -> list[object]:
+            return await asyncio.gather(*(log.record(r) for r in doomed), return_exceptions=True)
+
+        results = asyncio.run(main())
+        assert all(isinstance(r, CANotReady) for r in results), results
+        assert "audit log unavailable" in str(results[0]) and results[0].public_message == "CA is not ready"
+        with pytest.raises(CANotReady):
+            log.record_many_sync([make_record(500)])
+        assert log.count() == 1 and all(log.get(r.serial) is None for r in doomed)
+        assert log.failed_commits >= 1
+        # The disk has room again: the log recovers.
+        faulty[0].fail = False
+        later = make_record(600)
+        log.record_many_sync([later])
+        assert log.get(later.serial) == later and log.count() == 2
+    finally:
+        log.close()
+
+
+def test_real_disk_full_fails_closed(db: Path) -> None:
+    """SQLite's own SQLITE_FULL (max_page_count stands in for a full disk)."""
+    SqliteAuditLog(db).close()
+    with sqlite3.connect(db) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+
+    def connect(path: Path) -> sqlite3.Connection:
+        conn = _connect_writer(path)
+        conn.execute(f"PRAGMA max_page_count = {pages + 3}")
+        return conn
+
+    acknowledged: list[IssuanceRecord] = []
+    with SqliteAuditLog(db, connect=connect) as log:
+        with pytest.raises(CANotReady, match="full"):
+            for i in range(10_000):
+                batch = [make_record(i * 10 + k) for k in range(10)]
+                log.record_many_sync(batch)
+                acknowledged.extend(batch)
+        assert acknowledged and log.count() == len(acknowledged)
+        assert all(log.get(r.serial) == r for r in acknowledged)
+
+
+def test_queue_full_is_overloaded(db: Path) -> None:
+    gate = threading.Event()
+    SqliteAuditLog(db).close()        # schema in place: only record batches meet the gate
+
+    class _Slow:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self._conn = conn
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "BEGIN IMMEDIATE":
+                gate.wait(10)
+            return self._conn.execute(sql, *args)
+
+        def executemany(self, sql: str, rows: object) -> object:
+            return self._conn.executemany(sql, rows)
+
+        def close(self) -> None:
+            self._conn.close()
+
+    log = SqliteAuditLog(db, queue_limit=10, connect=lambda p: _Slow(_connect_writer(p)))
+    try:
+        async def main() -> None:
+            first = asyncio.ensure_future(log.record(make_record(0)))   # taken by the stalled writer
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if log.pending == 0:
+                    break
+            waiting = [asyncio.ensure_future(log.record(make_record(i))) for i in range(1, 11)]
+            await asyncio.sleep(0.05)
+            assert log.pending == 10
+            with pytest.raises(Overloaded):
+                await log.record(make_record(99))
+            with pytest.raises(Overloaded):
+                log.record_many_sync([make_record(98)])
+            gate.set()
+            await asyncio.gather(first, *waiting)
+
+        asyncio.run(main())
+        assert log.count() == 11
+    finally:
+        gate.set()
+        log.close()
+
+
+def test_close_flushes_and_is_idempotent(db: Path) -> None:
+    log = SqliteAuditLog(db, max_batch=7)
+    done: list[BaseException | None] = []
+
+    def writer(records: list[IssuanceRecord]) -> None:
+        try:
+            log.record_many_sync(records)
+            done.append(None)
+        except BaseException as exc:   # noqa: BLE001
+            done.append(exc)
+
+    threads = [threading.Thread(target=writer, args=([make_record(t * 100 + i) for i in range(5)],))
+               for t in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.close()
+    log.close()
+    assert done == [None] * 20
+    with pytest.raises(CANotReady):
+        log.record_many_sync([make_record(0)])
+    reader = AuditReader(db)
+    assert reader.count() == 100
+    reader.close()
+
+
+def test_close_flushes_queued_async_records(db: Path) -> None:
+    async def main() -> int:
+        log = SqliteAuditLog(db)
+        tasks = [asyncio.ensure_future(log.record(make_record(i))) for i in range(300)]
+        await asyncio.sleep(0)          # all queued
+        await log.aclose()
+        await asyncio.gather(*tasks)
+        await log.aclose()
+        return log.count()
+
+    assert asyncio.run(main()) == 300
+
+
+def test_cancelled_waiter_does_not_break_the_writer(db: Path) -> None:
+    async def main() -> None:
+        with SqliteAuditLog(db) as log:
+            task = asyncio.ensure_future(log.record(make_record(0)))
+            await asyncio.sleep(0)
+            task.cancel()
+            await log.record(make_record(1))
+            await asyncio.sleep(0.01)
+            assert log.count() == 2     # the cancelled one is recorded anyway: harmless
+
+    asyncio.run(main())
+
+
+def test_newer_schema_is_refused(db: Path) -> None:
+    SqliteAuditLog(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(ConfigurationError, match="schema version"):
+        SqliteAuditLog(db)
+    with pytest.raises(ConfigurationError, match="schema version"):
+        AuditReader(db)
+
+
+def test_reader_never_creates_a_database(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="no audit log"):
+        AuditReader(tmp_path / "missing.db")
+    assert not (tmp_path / "missing.db").exists()
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).close()
+    with pytest.raises(ConfigurationError, match="not a fastca audit log"):
+        AuditReader(other)
+
+
+def test_unopenable_path_is_ca_not_ready(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(CANotReady, match="audit log unavailable"):
+        SqliteAuditLog(tmp_path / "dir.db")
+
+
+def test_config_and_open(tmp_path: Path) -> None:
+    config = AuditConfig.model_validate({"path": "logs/audit.db", "max_batch": 64, "max_delay_ms": 1.5,
+                                         "queue_limit": 1000})
+    log = open_audit_log(config, tmp_path)
+    try:
+        assert log.path == tmp_path / "logs" / "audit.db"
+        assert (log.max_batch, log.max_delay_s, log.queue_limit) == (64, 0.0015, 1000)
+    finally:
+        log.close()
+    assert AuditConfig().path == "audit.db" and AuditConfig().backend == "sqlite"
+    with pytest.raises(ValueError):
+        AuditConfig.model_validate({"backend": "postgres"})
+    with pytest.raises(ValueError):
+        AuditConfig.model_validate({"max_batch": 0})
+    with pytest.raises(ValueError):
+        AuditConfig.model_validate({"unknown": 1})
