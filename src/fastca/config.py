@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fastca.audit.config import AuditConfig
@@ -46,6 +46,13 @@ class IssuanceConfig(_Section):
     over_max_ttl: Literal["reject", "clamp"] = "reject"   # istiod rejects; istio-csr clamps
     backdate_seconds: int = Field(120, ge=0)
     istio_key_usage: bool = False       # True: digitalSignature+keyEncipherment on EC leaves too, like istiod
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> IssuanceConfig:
+        if self.default_ttl_seconds > self.max_ttl_seconds:
+            raise ValueError(f"default_ttl_seconds ({self.default_ttl_seconds}) is above max_ttl_seconds "
+                             f"({self.max_ttl_seconds}): every request without a TTL would be refused")
+        return self
 
 
 class ServerConfig(_Section):

@@ -123,5 +123,5 @@ def test_relative_paths_resolve_against_base_dir(tmp_path: Path):
 
 
 def test_public_names_exist():
-    import fastca.authn as authn
+    from fastca import authn
     assert all(hasattr(authn, name) for name in public_names)

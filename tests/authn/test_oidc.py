@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -277,3 +278,24 @@ def test_a_symmetric_key_in_the_jwks_is_ignored(tmp_path):
     [outcome] = check(OidcAuthenticator(OidcProvider(issuer=ISSUER, jwks_file=str(path)),
                                         trust_domain=TRUST_DOMAIN), token)
     assert isinstance(outcome, AuthenticationFailed)
+
+
+VECTOR = Path(__file__).parent.parent / "vectors" / "istio" / "agent" / "testjwt"
+
+
+def test_istio_agent_fixture_token_shape(tmp_path):
+    """The projected token from Istio's agent tests: its claims, re-signed
+    by a key we hold (the original signer's is not ours), authenticate with
+    the pod facts; the original, signed by a key not in our JWKS, does not."""
+    original = VECTOR.read_text().strip()
+    payload = json.loads(base64.urlsafe_b64decode(original.split(".")[1] + "=="))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(public_jwks(RSA)))
+    provider = OidcProvider(issuer=payload["iss"], jwks_file=str(jwks), audiences=payload["aud"])
+    auth = OidcAuthenticator(provider, trust_domain=TRUST_DOMAIN, clock=lambda: payload["iat"] + 60)
+    resigned = jwt.encode({"alg": "RS256", "kid": RSA.kid}, payload, RSA, algorithms=["RS256"])
+    caller, refused = check(auth, resigned, original)
+    assert caller.identities == ("spiffe://cluster.local/ns/default/sa/sleep",)
+    assert (caller.kubernetes.pod_name, caller.kubernetes.pod_uid) == (
+        "sleep-7f69474bf9-6pmf5", "bca5b2e9-f7f2-11e8-8286-42010a800003")
+    assert isinstance(refused, AuthenticationFailed)

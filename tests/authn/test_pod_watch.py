@@ -8,8 +8,9 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -167,9 +168,9 @@ def test_list_then_watch_keeps_the_index_current(api):
             fake.change("ADDED", "default", "after-gone-1", "g1", "gone", "n2")   # seen through the relist
 
             async def relisted():
-                return source.lists == 2 and await source.get_pod("default", "after-gone-1") is not None
+                return (source.lists == 2 and await source.get_pod("default", "after-gone-1") is not None
+                        and fake.watch_versions[-1] == str(fake.rv))
             await eventually(relisted)
-            assert fake.watch_versions[-1] == str(fake.rv)
         finally:
             await authorizer.stop()
         return source

@@ -4,7 +4,7 @@ that yields a caller wins."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastca.authn.caller import Authenticator, Caller, RequestInfo
 from fastca.errors import AuthenticationFailed

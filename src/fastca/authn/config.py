@@ -10,8 +10,9 @@ files that hold one, and plug-in options are left out of reprs.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,9 +24,16 @@ if TYPE_CHECKING:
     from fastca.authn.node_authorizer import NodeAuthorizer
 
 __all__ = [
-    "AuthnConfig", "TokenReviewCluster", "TokenReviewCacheConfig", "OidcProvider", "XfccConfig",
-    "PluginConfig", "NodeAuthorizerConfig", "build_authenticators", "build_node_authorizer",
     "BUILTIN_AUTHENTICATORS",
+    "AuthnConfig",
+    "NodeAuthorizerConfig",
+    "OidcProvider",
+    "PluginConfig",
+    "TokenReviewCacheConfig",
+    "TokenReviewCluster",
+    "XfccConfig",
+    "build_authenticators",
+    "build_node_authorizer",
 ]
 
 IN_CLUSTER_API_SERVER = "https://kubernetes.default.svc"
@@ -280,7 +288,11 @@ def build_node_authorizer(config: AuthnConfig, *, trust_domain: str,
     """None when no node accounts are trusted: impersonation is then always
     denied. A Kubernetes pod source must be started (``await
     authorizer.start()``) before use and stopped at shutdown."""
-    from fastca.authn.node_authorizer import KubernetesPodSource, NodeAuthorizer, StaticPodSource
+    from fastca.authn.node_authorizer import (
+        KubernetesPodSource,
+        NodeAuthorizer,
+        StaticPodSource,
+    )
 
     settings = config.node_authorizer
     if not settings.trusted_node_accounts:

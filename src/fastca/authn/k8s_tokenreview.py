@@ -19,14 +19,18 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
 
 from fastca.authn._kube import KubernetesApi
 from fastca.authn.caller import Caller, KubernetesInfo, RequestInfo
 from fastca.authn.config import TokenReviewCluster
-from fastca.authn.serviceaccount import parse_service_account_username, service_account_spiffe_id
+from fastca.authn.serviceaccount import (
+    parse_service_account_username,
+    service_account_spiffe_id,
+)
 from fastca.errors import AuthenticationFailed
 
 __all__ = ["TokenReviewAuthenticator", "TokenReviewCache", "token_expiry"]
@@ -158,9 +162,12 @@ class TokenReviewAuthenticator:
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": list(cluster.audiences)}}
         try:
-            client = await api.client()
-            response = await client.post(TOKENREVIEW_PATH, json=body, headers=api.headers())
-        except httpx.TimeoutException:
+            # httpx's timeout bounds each phase; this bounds the whole call,
+            # so a server dripping bytes cannot hold an agent's request.
+            async with asyncio.timeout(cluster.timeout_seconds):
+                client = await api.client()
+                response = await client.post(TOKENREVIEW_PATH, json=body, headers=api.headers())
+        except (httpx.TimeoutException, TimeoutError):
             raise AuthenticationFailed(f"TokenReview on {cluster.api_server} timed out") from None
         except (httpx.HTTPError, OSError) as exc:
             raise AuthenticationFailed(f"TokenReview on {cluster.api_server} failed: {type(exc).__name__}") from None

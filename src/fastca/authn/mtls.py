@@ -9,10 +9,15 @@ must not turn into a CA that signs for anyone.
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
-from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import (
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from fastca.authn.caller import Caller, RequestInfo
 from fastca.errors import AuthenticationFailed

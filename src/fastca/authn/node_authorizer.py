@@ -20,9 +20,10 @@ import os
 import random
 import time
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
@@ -32,8 +33,14 @@ from fastca.authn.config import TokenReviewCluster
 from fastca.authn.serviceaccount import parse_service_account_spiffe_id
 from fastca.errors import AuthenticationFailed, CANotReady, ConfigurationError
 
-__all__ = ["Pod", "PodSource", "StaticPodSource", "KubernetesPodSource", "NodeAuthorizer",
-           "IMPERSONATION_FAILURE"]
+__all__ = [
+    "IMPERSONATION_FAILURE",
+    "KubernetesPodSource",
+    "NodeAuthorizer",
+    "Pod",
+    "PodSource",
+    "StaticPodSource",
+]
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +219,7 @@ class KubernetesPodSource:
     async def wait_synced(self, timeout: float | None = None) -> bool:
         try:
             await asyncio.wait_for(self._synced.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

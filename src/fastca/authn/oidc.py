@@ -14,8 +14,9 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 from joserfc import jwt
@@ -25,10 +26,13 @@ from joserfc.jws import JWSRegistry, extract_compact
 
 from fastca.authn.caller import Caller, KubernetesInfo, RequestInfo
 from fastca.authn.config import OidcProvider
-from fastca.authn.serviceaccount import parse_service_account_username, service_account_spiffe_id
+from fastca.authn.serviceaccount import (
+    parse_service_account_username,
+    service_account_spiffe_id,
+)
 from fastca.errors import AuthenticationFailed
 
-__all__ = ["OidcAuthenticator", "JwksSource"]
+__all__ = ["JwksSource", "OidcAuthenticator"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,8 @@ class JwksSource:
             self._fetched_at = now
             self.fetches += 1
             try:
-                document = await self._fetch()
+                async with asyncio.timeout(self.provider.timeout_seconds):
+                    document = await self._fetch()
             except Exception as exc:
                 # Keep the keys we have: an issuer outage must not turn into
                 # rejecting every token signed by a key we already know.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_service_account_username", "service_account_spiffe_id", "parse_service_account_spiffe_id"]
+__all__ = ["parse_service_account_spiffe_id", "parse_service_account_username", "service_account_spiffe_id"]
 
 # Namespaces are DNS labels and service accounts DNS subdomains; the API
 # server enforces that, so anything else in a token means it did not come

@@ -15,13 +15,13 @@ with ``"`` escaped as ``\\"``.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from fastca.authn.caller import Caller, RequestInfo
 from fastca.errors import AuthenticationFailed
 
-__all__ = ["XfccElement", "parse_xfcc", "XfccAuthenticator", "XFCC_HEADER"]
+__all__ = ["XFCC_HEADER", "XfccAuthenticator", "XfccElement", "parse_xfcc"]
 
 XFCC_HEADER = "x-forwarded-client-cert"
 KEYS = {"by": "By", "hash": "Hash", "cert": "Cert", "chain": "Chain", "subject": "Subject", "uri": "URI", "dns": "DNS"}

@@ -8,7 +8,6 @@ authenticated (RELIABILITY 1).
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -100,13 +99,10 @@ class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer
         with bind_request(request_id, context.peer(), METHOD):
             try:
                 issued, caller, signer, impersonated, cluster_id = await self._create(request, context)
-                await self._audit.record(IssuanceRecord(
-                    serial=f"{issued.serial:x}", identity=issued.identity, caller_identities=caller.identities,
-                    credential_type=caller.credential_type, key_type=issued.key_type,
-                    not_before=issued.not_before, not_after=issued.not_after, signer=signer,
-                    fingerprint_sha256=issued.fingerprint_sha256, peer=context.peer() or "",
-                    request_id=request_id, issued_at=dt.datetime.now(dt.timezone.utc),
-                    impersonated=impersonated, cluster_id=cluster_id))
+                await self._audit.record(IssuanceRecord.from_issued(
+                    issued, caller_identities=caller.identities, credential_type=caller.credential_type,
+                    signer=signer, peer=context.peer() or "", request_id=request_id, impersonated=impersonated,
+                    cluster_id=cluster_id))
                 self._metrics.issued()
                 self._metrics.observe_issuance(time.perf_counter() - started)
                 log.info("certificate issued", identity=issued.identity, serial=f"{issued.serial:x}", signer=signer,

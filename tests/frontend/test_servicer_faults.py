@@ -1,0 +1,157 @@
+"""The servicer in-process over real TLS with a real SoftHSM signer, wrapped
+to inject the faults SoftHSM will not produce on demand: the contract's
+INTERNAL and UNAVAILABLE rows, health following the signer, and the batch
+queue bound (RESOURCE_EXHAUSTED)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from fastca.audit.sqlite_log import SqliteAuditLog
+from fastca.authn.chain import AuthenticatorChain
+from fastca.config import CAConfig, IssuanceConfig
+from fastca.errors import CANotReady
+from fastca.frontend.server import CAServer, ServedSigner
+from fastca.observability.metrics import Metrics
+from fastca.pipeline.batcher import Batcher
+from fastca.pipeline.issuer import Issuer
+from tests.authn.apikey_plugin import ApiKeyAuthenticator
+from tests.conftest import agent_csrs
+from tests.frontend.agent_client import AgentClient
+
+API_KEY = "servicer-fault-key"
+
+
+class FaultySigner:
+    """The real signer, until told to fail one way or another."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.mode: str | None = None
+        self.gate: threading.Event | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def sign_many(self, data):
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.mode == "unavailable":
+            raise CANotReady("HSM unavailable while signing: DeviceError")
+        signatures = self._inner.sign_many(data)
+        if self.mode == "garbage":
+            return [bytes(len(s)) for s in signatures]
+        return signatures
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def harness(ec_token_ca, tmp_path_factory):
+    """A CAServer whose default signer is the SoftHSM CA wrapped in FaultySigner."""
+    state = tmp_path_factory.mktemp("faults")
+    signer = FaultySigner(ec_token_ca.signer)
+    material = ec_token_ca.material
+    config = CAConfig.from_mapping({"server": {"listen": "127.0.0.1:0", "metrics_listen": None}})
+    executor = ThreadPoolExecutor(2)
+    issuer = Issuer(material, signer, IssuanceConfig())
+    batcher = Batcher(issuer, executor, max_batch=2, max_delay_s=0.0002, queue_limit=4)
+    authenticators = AuthenticatorChain([ApiKeyAuthenticator(
+        {hashlib.sha256(API_KEY.encode()).hexdigest(): "spiffe://cluster.local/ns/faults/sa/test"})])
+    server = CAServer(config, signers={"default": ServedSigner("default", material, issuer, batcher, lambda: None)},
+                      authenticators=authenticators, node_authorizer=None,
+                      audit=SqliteAuditLog(state / "audit.db"), metrics=Metrics(), executor=executor)
+    loop = LoopThread()
+    loop.run(server.start())
+    client = AgentClient(f"localhost:{server.ports['grpc']}", material.root_bundle_pem.encode(),
+                         extra_headers=(("x-api-key", API_KEY),))
+    yield server, signer, client, loop
+    signer.mode, signer.gate = None, None
+    loop.run(server.stop(grace=1))
+    loop.close()
+
+
+def _health(client: AgentClient) -> int:
+    from grpc_health.v1 import health_pb2_grpc
+
+    with client.channel() as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code()
+
+
+def test_signer_returning_bad_signatures_is_internal(harness):
+    server, signer, client, loop = harness
+    signer.mode = "garbage"
+    try:
+        assert _code(lambda: client.create_certificate(agent_csrs()[0].pem)) == grpc.StatusCode.INTERNAL
+    finally:
+        signer.mode = None
+    assert len(client.create_certificate(agent_csrs()[0].pem)) == 2     # and it keeps serving
+
+
+def test_hsm_unavailable_is_unavailable_and_health_follows(harness):
+    server, signer, client, loop = harness
+    assert _health(client) == health_pb2.HealthCheckResponse.SERVING
+    signer.mode = "unavailable"
+    try:
+        assert _code(lambda: client.create_certificate(agent_csrs()[0].pem)) == grpc.StatusCode.UNAVAILABLE
+        assert loop.run(server.probe()) is False
+        assert _health(client) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        signer.mode = None
+    assert loop.run(server.probe()) is True
+    assert _health(client) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_queue_bound_answers_resource_exhausted_at_once(harness):
+    """A stuck HSM: past the queue bound (4) callers get RESOURCE_EXHAUSTED
+    immediately instead of waiting; when the HSM returns, the queued ones finish."""
+    server, signer, client, loop = harness
+    signer.gate = threading.Event()
+    results: list[str] = []
+
+    def call() -> None:
+        try:
+            client.create_certificate(agent_csrs()[0].pem, timeout=30)
+            results.append("OK")
+        except grpc.RpcError as error:
+            results.append(error.code().name)
+
+    threads = [threading.Thread(target=call) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    import time
+
+    deadline = time.monotonic() + 20
+    while results.count("RESOURCE_EXHAUSTED") < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert results.count("RESOURCE_EXHAUSTED") == 6 and "OK" not in results
+    signer.gate.set()
+    for thread in threads:
+        thread.join(30)
+    signer.gate = None
+    assert sorted(results) == ["OK"] * 4 + ["RESOURCE_EXHAUSTED"] * 6
