@@ -74,16 +74,25 @@ class Batcher:
     async def _issue(self, batch: list[tuple[IssueRequest, asyncio.Future[IssuedCertificate]]]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+
+        def issue_live() -> tuple[list[asyncio.Future[IssuedCertificate]], list]:
+            # Checked again on the worker thread: a caller whose deadline
+            # passed while the batch waited for a thread costs no signature.
+            live = [(request, future) for request, future in batch if not future.done()]
+            if not live:
+                return [], []
+            return [future for _, future in live], self._issuer.issue_many([request for request, _ in live])
+
         try:
-            results = await loop.run_in_executor(self._executor, self._issuer.issue_many,
-                                                 [request for request, _ in batch])
+            futures, results = await loop.run_in_executor(self._executor, issue_live)
         except FastcaError as error:
-            results = [error] * len(batch)
+            futures, results = [future for _, future in batch], [error] * len(batch)
         except Exception as error:  # a bug must fail this batch's calls, not hang them
+            futures = [future for _, future in batch]
             results = [SigningFailed(f"issuer error: {type(error).__name__}: {error}")] * len(batch)
-        if self._observe_batch is not None:
-            self._observe_batch(len(batch), time.perf_counter() - started)
-        for (_, future), result in zip(batch, results):
+        if self._observe_batch is not None and futures:
+            self._observe_batch(len(futures), time.perf_counter() - started)
+        for future, result in zip(futures, results):
             if future.done():
                 continue
             if isinstance(result, BaseException):
