@@ -32,6 +32,17 @@ def test_leaf_san_values_are_the_identities_in_order():
     assert caller.kubernetes is None            # a certificate caller cannot impersonate
 
 
+def test_leaf_alone_completed_by_the_cas_own_intermediates():
+    """grpcio passes only the peer's leaf: the CA's chain completes the path."""
+    intermediate = make_intermediate(MESH)
+    leaf, _ = make_leaf(intermediate, [uri(ID)])
+    authenticator = MtlsAuthenticator([MESH.certificate], intermediates=[intermediate.certificate])
+    assert authenticate(authenticator, leaf).identities == (ID,)
+    stranger, _ = make_leaf(make_intermediate(make_root("elsewhere")), [uri(ID)])
+    with pytest.raises(AuthenticationFailed, match="does not verify"):
+        authenticate(authenticator, stranger)
+
+
 def test_chain_through_an_intermediate():
     intermediate = make_intermediate(MESH)
     leaf, _ = make_leaf(intermediate, [uri(ID)])

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fastca.audit.sqlite_log import AuditReader
 from fastca.ca.softhsm import find_softhsm_module
 from tests.conftest import agent_csrs, run_fastca
 from tests.frontend.agent_client import AgentClient
@@ -67,12 +68,31 @@ def mesh(tmp_path_factory, apiserver):
         },
     })
     server = start_server(state, "--mtls-listen", "127.0.0.1:0")
+    RETURNED_SERIALS.clear()
     yield server
     assert server.stop() == 0
+    # Every certificate any test in this module received has its audit record,
+    # and there is no record of anything else (failures leave none).
+    reader = AuditReader(state / "audit.db")
+    try:
+        audited = {r.serial for r in reader.list(limit=100_000) if r.credential_type != "self"}
+    finally:
+        reader.close()
+    assert audited == set(RETURNED_SERIALS)
 
 
 _accounts = itertools.count()
 _FRESH = object()
+RETURNED_SERIALS: list[str] = []
+
+
+class RecordingClient(AgentClient):
+    """Remembers the serial of every certificate the server returned."""
+
+    def create_certificate(self, *args, **kwargs):
+        chain = super().create_certificate(*args, **kwargs)
+        RETURNED_SERIALS.append(f"{x509.load_pem_x509_certificate(chain[0].encode()).serial_number:x}")
+        return chain
 
 
 def client(server, token: str | None | object = _FRESH, **kwargs) -> AgentClient:
@@ -80,7 +100,7 @@ def client(server, token: str | None | object = _FRESH, **kwargs) -> AgentClient
     per-identity rate limit only bites the test that is about it."""
     if token is _FRESH:
         token = service_account_token("payments", f"worker-{next(_accounts)}")
-    return AgentClient(server.address, server.root_pem, token=token, **kwargs)
+    return RecordingClient(server.address, server.root_pem, token=token, **kwargs)
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
@@ -215,7 +235,7 @@ def test_mtls_client_certificate_on_the_mtls_port(mesh, tmp_path):
     hsm_conf = mesh.state / "softhsm2.conf"
     key_pem, chain_pem = _client_identity_pair(mesh.state, tmp_path, "spiffe://cluster.local/ns/vm/sa/legacy",
                                                hsm_conf)
-    mtls = AgentClient(f"localhost:{mesh.ports['mtls']}", mesh.root_pem, token=None, client_key_pem=key_pem,
+    mtls = RecordingClient(f"localhost:{mesh.ports['mtls']}", mesh.root_pem, token=None, client_key_pem=key_pem,
                        client_cert_pem=chain_pem)
     chain = mtls.create_certificate(agent_csrs("rsa2048")[3].pem)
     assert _uris(_leaf(chain)) == ["spiffe://cluster.local/ns/vm/sa/legacy"]

@@ -245,6 +245,7 @@ def _resolved_cluster(cluster: TokenReviewCluster, base_dir: Path | None) -> Tok
 
 def build_authenticators(config: AuthnConfig, *, trust_domain: str,
                          roots: Sequence[x509.Certificate] | Any,
+                         intermediates: Sequence[x509.Certificate] = (),
                          base_dir: Path | None = None) -> AuthenticatorChain:
     """The chain in ``config.order`` (plug-ins not named there appended).
     ``roots`` is the list of mesh roots or a zero-argument callable returning
@@ -262,7 +263,7 @@ def build_authenticators(config: AuthnConfig, *, trust_domain: str,
     for name in order:
         if name == "mtls":
             if config.mtls:
-                authenticators.append(MtlsAuthenticator(roots))
+                authenticators.append(MtlsAuthenticator(roots, intermediates))
         elif name == "oidc":
             for provider in config.oidc:
                 provider = provider.model_copy(update={"jwks_file": _resolve(provider.jwks_file, base_dir),

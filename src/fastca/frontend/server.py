@@ -123,9 +123,10 @@ class CAServer:
                                   queue_limit=config.server.queue_limit,
                                   observe_batch=lambda size, _seconds: metrics.observe_batch(size))
                 signers[name] = ServedSigner(name, loaded.material, issuer, batcher, loaded.close)
-            roots = list(signers[DEFAULT_SIGNER].material.roots)
-            authenticators = build_authenticators(config.authn, trust_domain=config.trust_domain, roots=roots,
-                                                  base_dir=state_dir)
+            default_material = signers[DEFAULT_SIGNER].material
+            authenticators = build_authenticators(
+                config.authn, trust_domain=config.trust_domain, roots=list(default_material.roots),
+                intermediates=[default_material.signing_cert, *default_material.intermediates], base_dir=state_dir)
             node_authorizer = build_node_authorizer(config.authn, trust_domain=config.trust_domain,
                                                     base_dir=state_dir)
             audit = open_audit_log(config.audit, state_dir, on_commit=metrics.audit_committed)
@@ -258,6 +259,7 @@ class CAServer:
         for signer in self._signers.values():
             await signer.batcher.drain()
         await self._audit.aclose()
+        await self._authenticators.aclose()
         if self._node_authorizer is not None:
             await self._node_authorizer.stop()
         for signer in self._signers.values():
