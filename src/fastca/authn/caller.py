@@ -6,7 +6,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, runtime_checkable
 
-__all__ = ["KubernetesInfo", "Caller", "RequestInfo", "Authenticator"]
+from fastca.errors import AuthenticationFailed
+
+__all__ = ["KubernetesInfo", "Caller", "RequestInfo", "Authenticator", "MAX_BEARER_TOKEN_BYTES"]
+
+# Service-account and OIDC tokens are a few KiB; anything far larger is refused unread.
+MAX_BEARER_TOKEN_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,13 @@ class RequestInfo:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return token.strip()
+
+    def bounded_bearer_token(self) -> str | None:
+        """The bearer token, refusing one too large to be a real token."""
+        token = self.bearer_token
+        if token is not None and len(token) > MAX_BEARER_TOKEN_BYTES:
+            raise AuthenticationFailed("bearer token too large")
+        return token
 
     @property
     def cluster_id(self) -> str:
