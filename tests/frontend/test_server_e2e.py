@@ -361,3 +361,23 @@ def test_audit_has_every_issued_certificate_and_no_failure(mesh):
     identities = {r["identity"] for r in listed}
     assert "spiffe://cluster.local/ns/audit/sa/two" not in identities
     assert "spiffe://cluster.local/ns/restricted/sa/db" not in identities
+
+
+def test_agent_keepalive_pings_are_accepted(mesh):
+    """Agents ping every 30 s during a call; grpcio's defaults would answer
+    frequent pings with GOAWAY too_many_pings (the channel drops to IDLE).
+    Here the client pings every second for four seconds: the connection stays up."""
+    import time
+
+    states: list[grpc.ChannelConnectivity] = []
+    options = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    channel = grpc.secure_channel(mesh.address, grpc.ssl_channel_credentials(mesh.root_pem), options=options)
+    try:
+        channel.subscribe(states.append, try_to_connect=True)
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        time.sleep(4)
+        assert grpc.ChannelConnectivity.READY in states
+        assert states[states.index(grpc.ChannelConnectivity.READY):] == [grpc.ChannelConnectivity.READY]
+    finally:
+        channel.close()
