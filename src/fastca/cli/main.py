@@ -158,6 +158,38 @@ def serve(
     run_server(state_dir, config)
 
 
+@app.command()
+def agent(
+    config_file: Optional[Path] = typer.Option(None, "--config", help="agent TOML file"),
+    ca_addr: Optional[str] = typer.Option(None, help="CA address HOST:PORT (CA_ADDR); :15010 means plaintext"),
+    ca_root: Optional[Path] = typer.Option(None, help="root bundle that the CA's certificate chains to (CA_ROOT_CA)"),
+    socket: Optional[Path] = typer.Option(None, help="SDS Unix socket [./var/run/secrets/workload-spiffe-uds/socket]"),
+    trust_domain: Optional[str] = typer.Option(None, help="trust domain (TRUST_DOMAIN)"),
+    namespace: Optional[str] = typer.Option(None, help="workload namespace (POD_NAMESPACE)"),
+    service_account: Optional[str] = typer.Option(None, help="workload service account (SERVICE_ACCOUNT)"),
+    token_file: Optional[Path] = typer.Option(None, help="service-account token, re-read on every CA call"),
+    cert: Optional[Path] = typer.Option(None, help="client certificate for the CA (VMs)"),
+    key: Optional[Path] = typer.Option(None, help="its key"),
+    ttl: Optional[str] = typer.Option(None, help="certificate TTL: seconds or a duration like 24h (SECRET_TTL)"),
+    key_type: Optional[str] = typer.Option(None, help="rsa-2048 (default, as istio-agent) | ec-p256 | ec-p384"),
+    mounted_dir: Optional[Path] = typer.Option(None, help="serve cert-chain.pem/key.pem/root-cert.pem from here "
+                                               "instead of a CA"),
+    output_dir: Optional[Path] = typer.Option(None, help="also write each new key/chain/root here"),
+    metrics: Optional[str] = typer.Option(None, help="Prometheus address [127.0.0.1:15020]"),
+) -> None:
+    """The node agent: certificates from an Istio-compatible CA, served to Envoy over SDS."""
+    from fastca.agent.config import AgentConfig
+    from fastca.agent.main import run_agent
+    from fastca.observability.logging import configure_logging
+
+    configure_logging()
+    config = AgentConfig.load(config_file, ca_addr=ca_addr, ca_root=ca_root, socket=socket, trust_domain=trust_domain,
+                              namespace=namespace, service_account=service_account, token_file=token_file,
+                              client_cert=cert, client_key=key, ttl_seconds=ttl, key_type=key_type,
+                              mounted_dir=mounted_dir, output_dir=output_dir, metrics_listen=metrics)
+    run_agent(config)
+
+
 @hsm_app.command("list")
 def hsm_list(
     state: Optional[Path] = StateOption,
