@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from fastca.agent.events import emit
 from fastca.agent.secrets import (FILE_CERT_PREFIX, FILE_ROOT_PREFIX, ROOT_CERT, WORKLOAD_CERT, SecretItem,
                                   SecretUnavailable)
 
@@ -162,11 +163,7 @@ class FileSecrets:
         self._task: asyncio.Task[None] | None = None
 
     def _event(self, kind: str, name: str, **details: Any) -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(kind, name, **details)
-            except Exception:
-                pass
+        emit(self._on_event, kind, name, **details)
 
     def _refresh(self, name: str, watched: _Watched, *, force: bool = False) -> bool:
         """Re-read if the files changed (or the last read failed); True when
@@ -260,11 +257,7 @@ class _Listeners:
             try:
                 listener(name)
             except Exception as error:
-                if self._on_event is not None:
-                    try:
-                        self._on_event("listener_error", name, error=repr(error))
-                    except Exception:
-                        pass
+                emit(self._on_event, "listener_error", name, error=repr(error))
 
 
 class MountedDirectory:

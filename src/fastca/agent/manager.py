@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fastca.agent.events import emit
 from fastca.agent.caclient import CAClientError, CARequestFailed, InvalidCAResponse, validate_response
 from fastca.agent.csr import KEY_TYPES, agent_csr, new_key, private_key_pem
 from fastca.agent.files import FileSecrets, _Listeners, file_reader, write_output
@@ -154,11 +155,7 @@ class SecretManager:
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _event(self, kind: str, name: str, **details: Any) -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(kind, name, **details)
-            except Exception:
-                pass
+        emit(self._on_event, kind, name, **details)
 
     def _rotating(self) -> bool:
         return self._rotation is not None and not self._rotation.done()
