@@ -140,6 +140,8 @@ def serve(
                                           "127.0.0.1:15014]"),
     mtls_listen: Optional[str] = typer.Option(None, help="extra port that requires client certificates (VMs)"),
     plaintext: bool = typer.Option(False, "--plaintext", help="no TLS (Istio's :15010 case)"),
+    workers: int = typer.Option(1, min=1, max=64, help="server processes sharing the port (SO_REUSEPORT); "
+                                "e.g. the number of CPUs"),
 ) -> None:
     """Serve istio.v1.auth.IstioCertificateService until SIGTERM."""
     from fastca.config import CAConfig
@@ -155,6 +157,10 @@ def serve(
         overrides["plaintext"] = True
     if overrides:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    if workers > 1:
+        from fastca.frontend.workers import supervise
+
+        sys.exit(supervise(state_dir, config, workers))
     run_server(state_dir, config)
 
 

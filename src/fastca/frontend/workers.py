@@ -1,0 +1,179 @@
+"""`fastca serve --workers N`: N server processes sharing one port.
+
+grpcio opens its listening sockets with SO_REUSEPORT, so N processes bound
+to the same address share the incoming connections (the kernel spreads
+them), each with its own event loop, its own PKCS#11 initialisation and
+login, and its own signing session. Workers are started with the "spawn"
+method: nothing PKCS#11 ever crosses a fork, and the supervisor itself
+never touches PKCS#11.
+
+The supervisor restarts a worker that dies (at most ``_MAX_RESTARTS`` in
+``_RESTART_WINDOW_S``, then it gives up and stops everything, since a
+worker that keeps dying is a configuration or HSM problem, not a blip) and
+forwards SIGTERM to all of them for a graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from fastca.config import CAConfig
+from fastca.errors import ConfigurationError
+from fastca.observability.logging import configure_logging, get_logger
+
+__all__ = ["supervise"]
+
+_MAX_RESTARTS = 5
+_RESTART_WINDOW_S = 60.0
+_STARTUP_TIMEOUT_S = 120.0
+
+log = get_logger("fastca.supervisor")
+
+
+def _worker_config(config: CAConfig, index: int) -> CAConfig:
+    """Each worker has its own metrics endpoint (its own registry): the
+    configured port plus the worker's index (port 0 stays "any")."""
+    metrics = config.server.metrics_listen
+    if metrics:
+        host, _, port = metrics.rpartition(":")
+        metrics = f"{host}:{int(port) + index if int(port) else 0}"
+    return config.model_copy(update={"server": config.server.model_copy(update={"metrics_listen": metrics})})
+
+
+def _worker_main(state_dir: str, config_data: dict[str, Any], index: int, ready: Any) -> None:
+    import asyncio
+
+    import uvloop
+
+    from fastca.frontend.server import CAServer
+
+    configure_logging()
+    config = CAConfig.from_mapping(config_data, source="worker configuration")
+
+    async def run() -> None:
+        server = CAServer.from_state(Path(state_dir), config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await server.start()
+        except BaseException:
+            await server.stop(grace=0)
+            raise
+        ready.put((index, os.getpid(), server.ports))
+        await stop.wait()
+        await server.stop()
+
+    uvloop.run(run())
+
+
+class _Supervisor:
+    def __init__(self, state_dir: Path, config: CAConfig, workers: int) -> None:
+        self._state_dir = state_dir
+        self._config = config
+        self._count = workers
+        self._context = multiprocessing.get_context("spawn")
+        self._ready = self._context.Queue()
+        self._processes: dict[int, multiprocessing.process.BaseProcess] = {}
+        self._restarts: deque[float] = deque()
+        self._stopping = False
+
+    def _start(self, index: int) -> None:
+        data = _worker_config(self._config, index).model_dump(mode="json")
+        process = self._context.Process(target=_worker_main, name=f"fastca-worker-{index}",
+                                        args=(str(self._state_dir), data, index, self._ready))
+        process.start()
+        self._processes[index] = process
+
+    def _await_ready(self, indexes: set[int]) -> dict[int, tuple[int, dict[str, int]]]:
+        reported: dict[int, tuple[int, dict[str, int]]] = {}
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        while indexes - set(reported):
+            if time.monotonic() > deadline:
+                raise ConfigurationError("workers did not start in time")
+            for index in indexes - set(reported):
+                if not self._processes[index].is_alive():
+                    raise ConfigurationError(f"worker {index} exited during start "
+                                             f"(code {self._processes[index].exitcode}); see its log above")
+            try:
+                index, pid, ports = self._ready.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            reported[index] = (pid, ports)
+        return reported
+
+    def run(self) -> int:
+        port = self._config.server.listen.rpartition(":")[2]
+        if port == "0":
+            raise ConfigurationError("--workers needs a fixed --listen port: the workers share it (SO_REUSEPORT)")
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            for index in range(self._count):
+                self._start(index)
+            reported = self._await_ready(set(range(self._count)))
+        except BaseException:
+            self._stop_all()
+            raise
+        log.info("serving", workers=self._count, pids=[pid for pid, _ in reported.values()],
+                 ports={"grpc": int(port), "metrics": [ports.get("metrics") for _, ports in
+                                                        sorted(reported.values(), key=lambda r: r[0])]},
+                 worker_ports={index: ports for index, (_, ports) in reported.items()})
+        while not self._stopping:
+            time.sleep(0.2)
+            for index, process in list(self._processes.items()):
+                if self._stopping or process.is_alive():
+                    continue
+                if not self._may_restart():
+                    log.error("workers keep dying; stopping", worker=index, exit_code=process.exitcode)
+                    self._stop_all()
+                    return 1
+                log.error("worker died; restarting", worker=index, pid=process.pid, exit_code=process.exitcode)
+                self._start(index)
+                try:
+                    pid, _ = self._await_ready({index})[index]
+                except ConfigurationError as error:
+                    log.error("worker restart failed", worker=index, reason=str(error))
+                    continue
+                log.info("worker restarted", worker=index, pid=pid)
+        self._stop_all()
+        log.info("stopped")
+        return 0
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > _RESTART_WINDOW_S:
+            self._restarts.popleft()
+        if len(self._restarts) >= _MAX_RESTARTS:
+            return False
+        self._restarts.append(now)
+        return True
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self._stopping:
+            log.info("shutting down", reason="signal", workers=self._count)
+        self._stopping = True
+
+    def _stop_all(self) -> None:
+        self._stopping = True
+        for process in self._processes.values():
+            if process.is_alive():
+                process.terminate()            # SIGTERM: each worker shuts down gracefully
+        deadline = time.monotonic() + self._config.server.shutdown_grace_seconds + 10
+        for process in self._processes.values():
+            process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+
+
+def supervise(state_dir: Path, config: CAConfig, workers: int) -> int:
+    return _Supervisor(state_dir, config, workers).run()
