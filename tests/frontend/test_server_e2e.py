@@ -381,3 +381,42 @@ def test_agent_keepalive_pings_are_accepted(mesh):
         assert states[states.index(grpc.ChannelConnectivity.READY):] == [grpc.ChannelConnectivity.READY]
     finally:
         channel.close()
+
+
+def _bulk(mesh, token: str, elements: list) -> list:
+    from fastca.frontend._proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2
+
+    requests = []
+    for csr, impersonate in elements:
+        metadata = struct_pb2.Struct()
+        metadata.update({"CertSigner": ""} | ({"ImpersonatedIdentity": impersonate} if impersonate else {}))
+        requests.append(istio_ca_pb2.IstioCertificateRequest(csr=csr, validity_duration=3600, metadata=metadata))
+    with grpc.secure_channel(mesh.address, grpc.ssl_channel_credentials(mesh.root_pem)) as channel:
+        response = bulk_pb2_grpc.BulkCertificateServiceStub(channel).CreateCertificates(
+            bulk_pb2.BulkCertificateRequest(requests=requests),
+            metadata=[("authorization", f"Bearer {token}"), ("clusterid", "Kubernetes")], timeout=60)
+    for result in response.results:
+        if result.code == 0:
+            RETURNED_SERIALS.append(f"{_leaf(list(result.cert_chain)).serial_number:x}")
+    return list(response.results)
+
+
+def test_bulk_rpc_authorises_and_limits_each_element(mesh):
+    pems = [c.pem.decode() for c in agent_csrs()]
+    # A node agent renewing its workloads: each element is authorised on its own.
+    mixed = _bulk(mesh, ZTUNNEL_TOKEN, [(pems[0], "spiffe://cluster.local/ns/shop/sa/cart"),
+                                        (pems[1], "spiffe://cluster.local/ns/shop/sa/billing")])
+    assert mixed[0].code == 0 and _uris(_leaf(list(mixed[0].cert_chain))) == ["spiffe://cluster.local/ns/shop/sa/cart"]
+    assert mixed[1].code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    # The per-identity rate limit (burst 5 here) applies per element, in order.
+    limited = _bulk(mesh, service_account_token("bulk", "limited"), [(pems[i], None) for i in range(7)])
+    assert [r.code for r in limited] == [0] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]] * 2
+
+
+def test_bulk_rpc_refuses_unauthenticated_and_oversized_calls(mesh):
+    with pytest.raises(grpc.RpcError) as caught:
+        _bulk(mesh, "not-a-token", [(agent_csrs()[0].pem.decode(), None)])
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as caught:
+        _bulk(mesh, service_account_token("bulk", "big"), [("x", None)] * 1001)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

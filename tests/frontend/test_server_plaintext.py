@@ -113,3 +113,28 @@ def test_environment_overrides_the_file(plain):
     with pytest.raises(grpc.RpcError) as caught:
         _client(plain, token).create_certificate(csr, ttl=7201)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "7200" in caught.value.details()
+
+
+def test_bulk_rpc_issues_many_with_per_element_status(plain):
+    from google.protobuf import struct_pb2
+
+    from fastca.frontend._proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2
+
+    identity = "spiffe://cluster.local/ns/bulk/sa/renewer"
+    metadata = struct_pb2.Struct()
+    metadata.update({"CertSigner": ""})
+    requests = [istio_ca_pb2.IstioCertificateRequest(csr=_csr_for(identity).decode(), validity_duration=3600,
+                                                     metadata=metadata) for _ in range(40)]
+    requests.append(istio_ca_pb2.IstioCertificateRequest(csr="garbage", validity_duration=3600, metadata=metadata))
+    with grpc.insecure_channel(f"127.0.0.1:{plain.ports['grpc']}") as channel:
+        response = bulk_pb2_grpc.BulkCertificateServiceStub(channel).CreateCertificates(
+            bulk_pb2.BulkCertificateRequest(requests=requests),
+            metadata=[("authorization", f"Bearer {service_account_token('bulk', 'renewer')}")], timeout=60)
+    results = list(response.results)
+    assert [r.code for r in results[:40]] == [0] * 40
+    assert results[40].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and results[40].message
+    leaves = [x509.load_pem_x509_certificate(r.cert_chain[0].encode()) for r in results[:40]]
+    assert len({leaf.serial_number for leaf in leaves}) == 40
+    for leaf, request in zip(leaves, requests):
+        csr = x509.load_pem_x509_csr(request.csr.encode())
+        assert leaf.public_key() == csr.public_key()

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from fastca.audit.record import IssuanceRecord
-from fastca.authn.caller import Caller
+from fastca.authn.caller import Caller, RequestInfo
 from fastca.authn.chain import AuthenticatorChain
 from fastca.authn.node_authorizer import NodeAuthorizer
 from fastca.ca.material import CAMaterial
@@ -28,7 +28,7 @@ from fastca.pipeline.batcher import Batcher
 from fastca.pipeline.issuer import IssuedCertificate, IssueRequest
 from fastca.policy.request import RequestPolicy, spiffe_identity_of
 
-__all__ = ["SignerRuntime", "IstioCertificateServicer", "SERVICE", "METHOD"]
+__all__ = ["SignerRuntime", "IssuanceService", "IstioCertificateServicer", "SERVICE", "METHOD"]
 
 SERVICE = "istio.v1.auth.IstioCertificateService"
 METHOD = "CreateCertificate"
@@ -77,55 +77,33 @@ def _sign_error_kind(error: FastcaError) -> str | None:
     return None
 
 
-class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer):
+class IssuanceService:
+    """The stages every certificate request goes through, shared by the
+    Istio servicer (one request per call) and the bulk servicer (many)."""
+
     def __init__(self, *, trust_domain: str, authenticators: AuthenticatorChain,
                  node_authorizer: NodeAuthorizer | None, policy: RequestPolicy,
                  signers: dict[str, SignerRuntime], default_signer: str, audit: Any, metrics: Any) -> None:
-        self._trust_domain = trust_domain
+        self.trust_domain = trust_domain
         self._authenticators = authenticators
         self._node_authorizer = node_authorizer
         self._policy = policy
         self._signers = signers
         self._default_signer = default_signer
         self._audit = audit
-        self._metrics = metrics
+        self.metrics = metrics
 
-    async def CreateCertificate(self, request: istio_ca_pb2.IstioCertificateRequest,  # noqa: N802 - gRPC name
-                                context: grpc.aio.ServicerContext) -> istio_ca_pb2.IstioCertificateResponse:
-        started = time.perf_counter()
-        request_id = new_request_id()
-        code = "OK"
-        self._metrics.csr_received()
-        with bind_request(request_id, context.peer(), METHOD):
-            try:
-                issued, caller, signer, impersonated, cluster_id = await self._create(request, context)
-                await self._audit.record(IssuanceRecord.from_issued(
-                    issued, caller_identities=caller.identities, credential_type=caller.credential_type,
-                    signer=signer, peer=context.peer() or "", request_id=request_id, impersonated=impersonated,
-                    cluster_id=cluster_id))
-                self._metrics.issued()
-                self._metrics.observe_issuance(time.perf_counter() - started)
-                log.info("certificate issued", identity=issued.identity, serial=f"{issued.serial:x}", signer=signer,
-                         credential=caller.credential_type, not_after=issued.not_after.isoformat())
-                return istio_ca_pb2.IstioCertificateResponse(cert_chain=list(issued.chain))
-            except FastcaError as error:
-                code = grpc_status_of(error)
-                if isinstance(error, AuthenticationFailed):
-                    self._metrics.authentication_failed(type(error).__name__)
-                kind = _sign_error_kind(error)
-                if kind is not None:
-                    self._metrics.sign_error(kind)
-                log.warning("request refused", code=code, reason=str(error))
-                await context.abort(getattr(grpc.StatusCode, code), error.public_message)
-            finally:
-                self._metrics.request_finished(SERVICE, METHOD, code, time.perf_counter() - started)
-
-    async def _create(self, request: istio_ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext
-                      ) -> tuple[IssuedCertificate, Caller, str, bool, str]:
+    async def authenticate(self, context: grpc.aio.ServicerContext) -> tuple[Caller, RequestInfo]:
         info = request_info(context)
-        caller = await self._authenticators.authenticate(info)
-        metadata = _metadata_strings(request.metadata)
+        return await self._authenticators.authenticate(info), info
 
+    async def issue(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
+                    request_id: str) -> IssuedCertificate:
+        """Signer, impersonation, identity, policy, issuance, then the audit
+        record, committed before the certificate can be returned."""
+        started = time.perf_counter()
+        self.metrics.csr_received()
+        metadata = _metadata_strings(request.metadata)
         signer_name = metadata.get(CERT_SIGNER, "") or self._default_signer
         runtime = self._signers.get(signer_name)
         if runtime is None:
@@ -136,13 +114,55 @@ class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer
             if self._node_authorizer is None:
                 raise AuthenticationFailed("impersonation requested but no trusted node accounts are configured",
                                            public_message="request impersonation authentication failure")
-            await self._node_authorizer.authorize(caller, requested, self._trust_domain)
+            await self._node_authorizer.authorize(caller, requested, self.trust_domain)
             identity = requested
         else:
-            identity = spiffe_identity_of(caller, self._trust_domain)
+            identity = spiffe_identity_of(caller, self.trust_domain)
 
         self._policy.check(identity, info.peer_ip)
         issued = await runtime.batcher.submit(IssueRequest(
-            csr=request.csr.encode(), identity=identity,
-            ttl_seconds=request.validity_duration, strict_csr=self._policy.strict_csr and not requested))
-        return issued, caller, signer_name, bool(requested), info.cluster_id
+            csr=request.csr.encode(), identity=identity, ttl_seconds=request.validity_duration,
+            strict_csr=self._policy.strict_csr and not requested))
+        await self._audit.record(IssuanceRecord.from_issued(
+            issued, caller_identities=caller.identities, credential_type=caller.credential_type,
+            signer=signer_name, peer=info.peer, request_id=request_id, impersonated=bool(requested),
+            cluster_id=info.cluster_id))
+        self.metrics.issued()
+        self.metrics.observe_issuance(time.perf_counter() - started)
+        log.info("certificate issued", identity=issued.identity, serial=f"{issued.serial:x}", signer=signer_name,
+                 credential=caller.credential_type, not_after=issued.not_after.isoformat())
+        return issued
+
+    def refused(self, error: FastcaError) -> str:
+        """Count and log a refusal; the gRPC status name to answer with."""
+        code = grpc_status_of(error)
+        if isinstance(error, AuthenticationFailed):
+            self.metrics.authentication_failed(type(error).__name__)
+        kind = _sign_error_kind(error)
+        if kind is not None:
+            self.metrics.sign_error(kind)
+        log.warning("request refused", code=code, reason=str(error))
+        return code
+
+
+class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer):
+    def __init__(self, service: IssuanceService) -> None:
+        self._service = service
+
+    async def CreateCertificate(self, request: istio_ca_pb2.IstioCertificateRequest,  # noqa: N802 - gRPC name
+                                context: grpc.aio.ServicerContext) -> istio_ca_pb2.IstioCertificateResponse:
+        started = time.perf_counter()
+        request_id = new_request_id()
+        code = "OK"
+        with bind_request(request_id, context.peer(), METHOD):
+            try:
+                caller, info = await self._service.authenticate(context)
+                issued = await self._service.issue(request, caller, info, request_id)
+                return istio_ca_pb2.IstioCertificateResponse(cert_chain=list(issued.chain))
+            except FastcaError as error:
+                if isinstance(error, AuthenticationFailed):
+                    self._service.metrics.csr_received()    # Istio counts the CSR even when auth fails
+                code = self._service.refused(error)
+                await context.abort(getattr(grpc.StatusCode, code), error.public_message)
+            finally:
+                self._service.metrics.request_finished(SERVICE, METHOD, code, time.perf_counter() - started)

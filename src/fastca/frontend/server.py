@@ -36,8 +36,9 @@ from fastca.authn.node_authorizer import NodeAuthorizer
 from fastca.ca.material import CAMaterial, load_ca
 from fastca.config import CAConfig, resolve_path
 from fastca.errors import ConfigurationError, FastcaError
-from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
-from fastca.frontend.istio_ca import SERVICE, IstioCertificateServicer, SignerRuntime
+from fastca.frontend._proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2, istio_ca_pb2_grpc
+from fastca.frontend.bulk import BulkCertificateServicer
+from fastca.frontend.istio_ca import SERVICE, IssuanceService, IstioCertificateServicer, SignerRuntime
 from fastca.frontend.serving_cert import ServingCertificate
 from fastca.observability.logging import get_logger
 from fastca.observability.metrics import Metrics
@@ -151,16 +152,18 @@ class CAServer:
         if self._node_authorizer is not None:
             await self._node_authorizer.start()
 
-        servicer = IstioCertificateServicer(
+        issuance = IssuanceService(
             trust_domain=config.trust_domain, authenticators=self._authenticators,
             node_authorizer=self._node_authorizer, policy=RequestPolicy(config.policy),
             signers={name: SignerRuntime(name, s.material, s.batcher) for name, s in self._signers.items()},
             default_signer=DEFAULT_SIGNER, audit=self._audit, metrics=self.metrics)
         server = grpc.aio.server(options=_grpc_options(config))
-        istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(servicer, server)
+        istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(IstioCertificateServicer(issuance), server)
+        bulk_pb2_grpc.add_BulkCertificateServiceServicer_to_server(BulkCertificateServicer(issuance), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [istio_ca_pb2.DESCRIPTOR.services_by_name["IstioCertificateService"].full_name,
+             bulk_pb2.DESCRIPTOR.services_by_name["BulkCertificateService"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
         default = self._signers[DEFAULT_SIGNER]
         try:

@@ -1,0 +1,113 @@
+"""Pure arithmetic of the benchmark: merging the load workers' results,
+percentiles, medians over rounds, ratios and the CI regression check.
+
+No I/O, no processes: everything here is unit-tested by test_bench_tools.py.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from array import array
+from collections import Counter
+from typing import Any, Iterable
+
+__all__ = ["percentile", "merge_load", "median_of_rounds", "ratio", "compute_ratios", "regressions"]
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of an ascending list; NaN if empty."""
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def merge_load(workers: Iterable[dict[str, Any]], *, duration_s: float, cpus: int,
+               server_cpu_s: float | None) -> dict[str, Any]:
+    """One load run's summary from its workers' reports.
+
+    Each worker reports ``latencies`` (array('d') bytes, seconds, successful
+    calls completed inside the measured window), ``errors`` (gRPC code or
+    HTTP status -> count, same window) and ``cpu_s`` (its own user+system CPU
+    over the window). CPU shares are fractions of the whole machine
+    (``cpus`` cores x ``duration_s``), so generator + server + rest = 1.
+    """
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    generator_cpu_s = 0.0
+    for report in workers:
+        samples = array("d")
+        samples.frombytes(report["latencies"])
+        latencies.extend(samples)
+        errors.update(report["errors"])
+        generator_cpu_s += report["cpu_s"]
+    latencies.sort()
+    ok = len(latencies)
+    capacity_s = duration_s * cpus
+    summary: dict[str, Any] = {
+        "certs_per_s": ok / duration_s,
+        "ok": ok,
+        "errors": dict(sorted(errors.items())),
+        "latency_ms": {name: percentile(latencies, q) * 1000
+                       for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        "generator_cpu_s": generator_cpu_s,
+        "generator_cpu_share": generator_cpu_s / capacity_s,
+        "generator_cpu_us_per_call": generator_cpu_s / max(ok + sum(errors.values()), 1) * 1e6,
+    }
+    if server_cpu_s is not None:
+        summary.update({
+            "server_cpu_s": server_cpu_s,
+            "server_cpu_share": server_cpu_s / capacity_s,
+            "server_cpu_us_per_cert": server_cpu_s / ok * 1e6 if ok else math.nan,
+        })
+    return summary
+
+
+def median_of_rounds(rounds: list[Any]) -> Any:
+    """Element-wise median of equally shaped nested dicts of numbers.
+
+    A key missing from some rounds gets the median of the rounds that have
+    it; non-numeric leaves (texts) are taken from the first round; error
+    counters are summed, not medianed (one round's errors must not vanish)."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for r in rounds for k in r))
+        merged = {}
+        for key in keys:
+            present = [r[key] for r in rounds if key in r]
+            merged[key] = (dict(sum((Counter(p) for p in present), Counter())) if key == "errors"
+                           else median_of_rounds(present))
+        return merged
+    if isinstance(first, bool) or not isinstance(first, (int, float)):
+        return first
+    numbers = [r for r in rounds if isinstance(r, (int, float)) and not math.isnan(r)]
+    return statistics.median(numbers) if numbers else math.nan
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator or math.isnan(numerator) or math.isnan(denominator):
+        return None
+    return numerator / denominator
+
+
+def compute_ratios(fastca_rate: float, probes: dict[str, float], cfssl_rate: float | None) -> dict[str, float | None]:
+    """fastca's Istio-path rate against each reference rate of the same round."""
+    out = {"fastca_vs_cfssl": ratio(fastca_rate, cfssl_rate)}
+    for name, rate in probes.items():
+        out[f"fastca_vs_{name}"] = ratio(fastca_rate, rate)
+    return out
+
+
+def regressions(current: dict[str, float | None], baseline: dict[str, float | None], *,
+                floor: float) -> list[str]:
+    """The ratios that fell below ``floor`` x their baseline. A ratio absent
+    on either side (cfssl not installed, say) is not checked."""
+    failed = []
+    for name, expected in sorted(baseline.items()):
+        measured = current.get(name)
+        if expected is None or measured is None:
+            continue
+        if measured < floor * expected:
+            failed.append(f"{name}: {measured:.3f} < {floor:.0%} of baseline {expected:.3f}")
+    return failed
