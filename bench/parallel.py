@@ -62,8 +62,10 @@ class Parallel:
             process.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         for process in self._processes:
+            if exc_type is not None and process.is_alive():
+                process.terminate()
             process.join(timeout=5)
             if process.is_alive():
                 process.terminate()
