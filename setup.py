@@ -18,6 +18,21 @@ extensions = [
     for name in NATIVE_MODULES
 ]
 
+# The PKCS#11 batch signer (fastca.signing.pkcs11's native path). p11-kit's
+# header (Debian: libp11-kit-dev) is a clean, complete pkcs11.h; CRYPTOKI_GNU
+# selects its lower-case names instead of compatibility macros such as
+# `#define value pValue`, which would rewrite identifiers in Cython's C.
+extensions.append(
+    Extension(
+        "fastca.signing._pkcs11_batch",
+        ["src/fastca/signing/_pkcs11_batch.pyx"],
+        include_dirs=["/usr/include/p11-kit-1"],
+        libraries=["crypto"],
+        define_macros=[("CRYPTOKI_GNU", "1")],
+        extra_compile_args=["-O2"],
+    )
+)
+
 setup(
     ext_modules=cythonize(
         extensions,

@@ -71,15 +71,17 @@ def test_repr_and_errors_never_show_the_pin(softhsm_token, tmp_path):
     assert pin not in str(uri)
 
 
-def test_concurrent_signers_are_confined_to_one_thread(softhsm_token):
+@pytest.mark.parametrize("native_batch", [True, False])
+def test_concurrent_signers_are_confined_to_one_thread(softhsm_token, native_batch):
     """Eight threads sign at once through two signers on one token. python-pkcs11
     on SoftHSM crashes when two threads sign concurrently; the context makes
-    that impossible. Every signature must verify."""
+    that impossible, for the native batch loop as for python-pkcs11. Every
+    signature must verify."""
     base, conf = softhsm_token
-    uris = [base.with_object(f"conc-{i}", "private") for i in range(2)]
+    uris = [base.with_object(f"conc-{native_batch}-{i}", "private") for i in range(2)]
     for uri in uris:
         hsm.generate_key(uri, "ec-p256", conf)
-    signers = [Pkcs11Signer(uri, softhsm_conf=conf) for uri in uris]
+    signers = [Pkcs11Signer(uri, softhsm_conf=conf, native_batch=native_batch) for uri in uris]
     seen_threads: set[int] = set()
     original = Pkcs11Signer._sign_on_thread
 
