@@ -15,7 +15,8 @@ import multiprocessing
 import queue
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Self
 
 __all__ = ["Parallel", "run_parallel", "sleep_until"]
 
@@ -38,7 +39,7 @@ def _child(fn: Callable[..., Any], args: tuple, index: int, ready: Any, go_event
 
     try:
         results.put((index, True, fn(*args, go)))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever it is, the parent must hear of it
         results.put((index, False, traceback.format_exc()))
 
 
@@ -57,7 +58,7 @@ class Parallel:
                             args=(fn, args, i, self._ready, self._go, self._start_at, self._results, ready_timeout_s))
             for i, args in enumerate(args_per_process)]
 
-    def __enter__(self) -> Parallel:
+    def __enter__(self) -> Self:
         for process in self._processes:
             process.start()
         return self

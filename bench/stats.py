@@ -10,9 +10,10 @@ import math
 import statistics
 from array import array
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["percentile", "merge_load", "median_of_rounds", "ratio", "compute_ratios", "regressions"]
+__all__ = ["compute_ratios", "median_of_rounds", "merge_load", "percentile", "ratio", "regressions"]
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -68,7 +69,8 @@ def median_of_rounds(rounds: list[Any]) -> Any:
     """Element-wise median of equally shaped nested dicts of numbers.
 
     A key missing from some rounds gets the median of the rounds that have
-    it; non-numeric leaves (texts) are taken from the first round; error
+    it; a leaf with no number in any round (a text, None) is the first
+    round's; NaNs are left out of a median; error
     counters are summed, not medianed (one round's errors must not vanish)."""
     first = rounds[0]
     if isinstance(first, dict):
@@ -79,10 +81,8 @@ def median_of_rounds(rounds: list[Any]) -> Any:
             merged[key] = (dict(sum((Counter(p) for p in present), Counter())) if key == "errors"
                            else median_of_rounds(present))
         return merged
-    if isinstance(first, bool) or not isinstance(first, (int, float)):
-        return first
-    numbers = [r for r in rounds if isinstance(r, (int, float)) and not math.isnan(r)]
-    return statistics.median(numbers) if numbers else math.nan
+    numbers = [r for r in rounds if isinstance(r, (int, float)) and not isinstance(r, bool) and not math.isnan(r)]
+    return statistics.median(numbers) if numbers else first
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -117,9 +117,12 @@ class _Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
+            # One after the other: SoftHSM's file store was seen to miss its
+            # token now and then when two processes initialised it at once.
+            reported = {}
             for index in range(self._count):
                 self._start(index)
-            reported = self._await_ready(set(range(self._count)))
+                reported.update(self._await_ready({index}))
         except BaseException:
             self._stop_all()
             raise
