@@ -45,6 +45,7 @@ import asyncio
 import itertools
 import os
 import stat
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -54,7 +55,12 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from fastca.agent._sds_messages import SECRET_TYPE_URL, combined_version, new_nonce, pack
+from fastca.agent._sds_messages import (
+    SECRET_TYPE_URL,
+    combined_version,
+    new_nonce,
+    pack,
+)
 from fastca.agent.secrets import SecretItem, SecretSource, SecretUnavailable
 from fastca.errors import ConfigurationError
 from fastca.observability.logging import get_logger
@@ -185,7 +191,7 @@ class _Servicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         return await self._server._fetch(request, context)
 
 
-class _Stream:
+class _Stream(ABC):
     """One Envoy stream: requests and source notifications go through one
     queue and are handled in order by ``run``; subclasses hold the protocol."""
 
@@ -295,18 +301,18 @@ class _Stream:
     # -- protocol ----------------------------------------------------------
 
     @staticmethod
-    def _requested_names(request: Any) -> Iterable[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def _requested_names(request: Any) -> Iterable[str]: ...
 
     @staticmethod
-    def _client_version(request: Any) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def _client_version(request: Any) -> str: ...
 
-    async def _on_request(self, request: Any) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def _on_request(self, request: Any) -> None: ...
 
-    async def _on_source_change(self, name: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def _on_source_change(self, name: str) -> None: ...
 
 
 class _SotwStream(_Stream):
