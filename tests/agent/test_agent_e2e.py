@@ -179,24 +179,26 @@ def test_delta_sends_only_changes_and_removals(ca, tmp_path):
 
 
 def test_ca_outage_during_rotation(ca, tmp_path):
-    agent = _agent_for(ca, tmp_path, "--ttl", "6s", "--key-type", "ec-p256",
+    # 12 s certificates: rotation is due after ~6 s, expiry leaves ~6 s of margin
+    # for a slow machine between "rotation failed" and the checks below.
+    agent = _agent_for(ca, tmp_path, "--ttl", "12s", "--key-type", "ec-p256",
                        env={"FASTCA_AGENT_BACKOFF_MAX_SECONDS": "1"})
     try:
         stream = SotwStream(str(agent.socket), ["default"])
         first = stream.receive()
         stream.ack(first)
         ca.stop()
-        # Past the rotation point the CA is down: the agent keeps the pair it has.
-        assert stream.nothing_within(4.5)
-        again = SotwStream(str(agent.socket), ["default"])
-        cached = again.receive()
-        assert cached.version == first.version
-        again.close()
+        # Past the rotation point the CA is down: failures are counted and logged…
         deadline = time.monotonic() + 20
         while agent.metric('istio_agent_num_failed_outgoing_requests{request_type="csr"}') < 1:
             assert time.monotonic() < deadline, "failures were not counted"
             time.sleep(0.2)
         assert any(e.get("event") == "rotation failed" for e in agent.events())
+        # …and the agent keeps serving the pair it has, to old and new streams alike.
+        again = SotwStream(str(agent.socket), ["default"])
+        cached = again.receive(timeout=5)
+        assert cached.version == first.version
+        again.close()
         ca.start()
         rotated = stream.receive(timeout=30)
         assert rotated.version != first.version
