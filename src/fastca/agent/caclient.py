@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf import struct_pb2
 
+from fastca.agent.events import emit
 from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
 
 __all__ = ["CAClient", "CAClientError", "CARequestFailed", "InvalidCAResponse", "RETRYABLE_CODES",
@@ -166,11 +167,7 @@ class CAClient:
             validity_duration=int(ttl_seconds), metadata=metadata)
 
     def _event(self, kind: str, **details: Any) -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(kind, "csr", **details)
-            except Exception:       # a metrics hook never breaks a CSR
-                pass
+        emit(self._on_event, kind, "csr", **details)
 
     async def sign(self, csr_pem: bytes | str, ttl_seconds: int, *, impersonate: str | None = None) -> list[str]:
         """The CA's ``cert_chain`` for this CSR (unchecked: see

@@ -33,6 +33,9 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from fastca.audit.record import IssuanceRecord, normalize_serial
 from fastca.errors import CANotReady, ConfigurationError, Overloaded
+from fastca.observability.logging import get_logger
+
+_log = get_logger("fastca.audit")
 
 __all__ = ["SqliteAuditLog", "AuditReader", "SCHEMA_VERSION"]
 
@@ -408,8 +411,8 @@ class SqliteAuditLog:
             if self._on_commit is not None:
                 try:
                     self._on_commit(len(rows), elapsed)
-                except Exception:
-                    pass
+                except Exception as exc:  # noqa: BLE001 - an observer must not fail committed records
+                    _log.error("audit_commit_observer_failed", error=f"{type(exc).__name__}: {exc}")
         self._answer(items, error)
 
     @staticmethod
@@ -491,10 +494,4 @@ class SqliteAuditLog:
 
 
 def _log_failure(path: Path, records: int, exc: BaseException) -> None:
-    try:
-        from fastca.observability.logging import get_logger
-
-        get_logger("fastca.audit").error("audit_commit_failed", path=str(path), records=records,
-                                         error=f"{type(exc).__name__}: {exc}")
-    except Exception:
-        pass
+    _log.error("audit_commit_failed", path=str(path), records=records, error=f"{type(exc).__name__}: {exc}")

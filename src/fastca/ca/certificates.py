@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-from asn1crypto import algos, csr as asn1_csr, keys, x509 as asn1_x509
+from asn1crypto import algos, keys
+from asn1crypto import csr as asn1_csr
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -82,7 +85,7 @@ def self_signed_root(signer: Signer, trust_domain: str, *, now: dt.datetime,
     certificate = x509.load_der_x509_certificate(cert_der)
     try:
         certificate.verify_directly_issued_by(certificate)
-    except Exception as exc:  # InvalidSignature, ValueError, TypeError: all mean "bad root"
+    except (InvalidSignature, ValueError, TypeError) as exc:
         raise SigningFailed("the new root certificate's signature does not verify") from exc
     return certificate
 

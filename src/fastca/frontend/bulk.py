@@ -11,14 +11,12 @@ others are unaffected.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 
 from fastca.errors import FastcaError, InvalidRequest
 from fastca.frontend._proto import bulk_pb2, bulk_pb2_grpc
 from fastca.frontend.istio_ca import IssuanceService
-from fastca.observability.logging import bind_request, new_request_id
 
 __all__ = ["BulkCertificateServicer", "BULK_SERVICE", "BULK_METHOD", "MAX_BULK_REQUESTS"]
 
@@ -33,29 +31,20 @@ class BulkCertificateServicer(bulk_pb2_grpc.BulkCertificateServiceServicer):
 
     async def CreateCertificates(self, request: bulk_pb2.BulkCertificateRequest,  # noqa: N802 - gRPC name
                                  context: grpc.aio.ServicerContext) -> bulk_pb2.BulkCertificateResponse:
-        started = time.perf_counter()
-        request_id = new_request_id()
-        code = "OK"
-        with bind_request(request_id, context.peer(), BULK_METHOD):
-            try:
-                if len(request.requests) > MAX_BULK_REQUESTS:
-                    raise InvalidRequest(f"{len(request.requests)} requests in one call; at most "
-                                         f"{MAX_BULK_REQUESTS} are accepted")
-                caller, info = await self._service.authenticate(context)
+        async with self._service.rpc(context, BULK_SERVICE, BULK_METHOD) as request_id:
+            if len(request.requests) > MAX_BULK_REQUESTS:
+                raise InvalidRequest(f"{len(request.requests)} requests in one call; at most "
+                                     f"{MAX_BULK_REQUESTS} are accepted")
+            caller, info = await self._service.authenticate(context)
 
-                async def one(index: int, element) -> bulk_pb2.BulkCertificateResult:
-                    try:
-                        issued = await self._service.issue(element, caller, info, f"{request_id}.{index}")
-                    except FastcaError as error:
-                        status = self._service.refused(error)
-                        return bulk_pb2.BulkCertificateResult(code=getattr(grpc.StatusCode, status).value[0],
-                                                              message=error.public_message)
-                    return bulk_pb2.BulkCertificateResult(code=0, cert_chain=list(issued.chain))
+            async def one(index: int, element) -> bulk_pb2.BulkCertificateResult:
+                try:
+                    issued = await self._service.issue(element, caller, info, f"{request_id}.{index}")
+                except FastcaError as error:
+                    status = self._service.refused(error)
+                    return bulk_pb2.BulkCertificateResult(code=getattr(grpc.StatusCode, status).value[0],
+                                                          message=error.public_message)
+                return bulk_pb2.BulkCertificateResult(code=0, cert_chain=list(issued.chain))
 
-                results = await asyncio.gather(*(one(i, e) for i, e in enumerate(request.requests)))
-                return bulk_pb2.BulkCertificateResponse(results=results)
-            except FastcaError as error:
-                code = self._service.refused(error)
-                await context.abort(getattr(grpc.StatusCode, code), error.public_message)
-            finally:
-                self._service.metrics.request_finished(BULK_SERVICE, BULK_METHOD, code, time.perf_counter() - started)
+            results = await asyncio.gather(*(one(i, e) for i, e in enumerate(request.requests)))
+            return bulk_pb2.BulkCertificateResponse(results=results)

@@ -8,7 +8,9 @@ authenticated (RELIABILITY 1).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +21,15 @@ from fastca.authn.caller import Caller, RequestInfo
 from fastca.authn.chain import AuthenticatorChain
 from fastca.authn.node_authorizer import NodeAuthorizer
 from fastca.ca.material import CAMaterial
-from fastca.errors import (AuthenticationFailed, CANotReady, FastcaError, InvalidRequest, InvalidTTL,
-                           SigningFailed, grpc_status_of)
+from fastca.errors import (
+    AuthenticationFailed,
+    CANotReady,
+    FastcaError,
+    InvalidRequest,
+    InvalidTTL,
+    SigningFailed,
+    grpc_status_of,
+)
 from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
 from fastca.frontend.context import request_info
 from fastca.observability.logging import bind_request, get_logger, new_request_id
@@ -133,6 +142,23 @@ class IssuanceService:
                  credential=caller.credential_type, not_after=issued.not_after.isoformat())
         return issued
 
+    @contextlib.asynccontextmanager
+    async def rpc(self, context: grpc.aio.ServicerContext, service: str, method: str) -> AsyncIterator[str]:
+        """One call: a request id bound to its logs, a refusal turned into
+        its status and public message, and the call counted either way.
+        Yields the request id."""
+        started = time.perf_counter()
+        request_id = new_request_id()
+        code = "OK"
+        with bind_request(request_id, context.peer(), method):
+            try:
+                yield request_id
+            except FastcaError as error:
+                code = self.refused(error)
+                await context.abort(getattr(grpc.StatusCode, code), error.public_message)
+            finally:
+                self.metrics.request_finished(service, method, code, time.perf_counter() - started)
+
     def refused(self, error: FastcaError) -> str:
         """Count and log a refusal; the gRPC status name to answer with."""
         code = grpc_status_of(error)
@@ -151,18 +177,11 @@ class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer
 
     async def CreateCertificate(self, request: istio_ca_pb2.IstioCertificateRequest,  # noqa: N802 - gRPC name
                                 context: grpc.aio.ServicerContext) -> istio_ca_pb2.IstioCertificateResponse:
-        started = time.perf_counter()
-        request_id = new_request_id()
-        code = "OK"
-        with bind_request(request_id, context.peer(), METHOD):
+        async with self._service.rpc(context, SERVICE, METHOD) as request_id:
             try:
                 caller, info = await self._service.authenticate(context)
-                issued = await self._service.issue(request, caller, info, request_id)
-                return istio_ca_pb2.IstioCertificateResponse(cert_chain=list(issued.chain))
-            except FastcaError as error:
-                if isinstance(error, AuthenticationFailed):
-                    self._service.metrics.csr_received()    # Istio counts the CSR even when auth fails
-                code = self._service.refused(error)
-                await context.abort(getattr(grpc.StatusCode, code), error.public_message)
-            finally:
-                self._service.metrics.request_finished(SERVICE, METHOD, code, time.perf_counter() - started)
+            except AuthenticationFailed:
+                self._service.metrics.csr_received()    # Istio counts the CSR even when auth fails
+                raise
+            issued = await self._service.issue(request, caller, info, request_id)
+            return istio_ca_pb2.IstioCertificateResponse(cert_chain=list(issued.chain))
