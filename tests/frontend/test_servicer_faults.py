@@ -74,12 +74,13 @@ def harness(ec_token_ca, tmp_path_factory):
     config = CAConfig.from_mapping({"server": {"listen": "127.0.0.1:0", "metrics_listen": None}})
     executor = ThreadPoolExecutor(2)
     issuer = Issuer(material, signer, IssuanceConfig())
-    batcher = Batcher(issuer, executor, max_batch=2, max_delay_s=0.0002, queue_limit=4)
+    audit = SqliteAuditLog(state / "audit.db")
+    batcher = Batcher(issuer, executor, max_batch=2, max_delay_s=0.0002, queue_limit=4, audit=audit)
     authenticators = AuthenticatorChain([ApiKeyAuthenticator(
         {hashlib.sha256(API_KEY.encode()).hexdigest(): "spiffe://cluster.local/ns/faults/sa/test"})])
     server = CAServer(config, signers={"default": ServedSigner("default", material, issuer, batcher, lambda: None)},
                       authenticators=authenticators, node_authorizer=None,
-                      audit=SqliteAuditLog(state / "audit.db"), metrics=Metrics(), executor=executor)
+                      audit=audit, metrics=Metrics(), executor=executor)
     loop = LoopThread()
     loop.run(server.start())
     client = AgentClient(f"localhost:{server.ports['grpc']}", material.root_bundle_pem.encode(),

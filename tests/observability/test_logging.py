@@ -15,6 +15,7 @@ from fastca.observability.logging import (
     configure_logging,
     current_request_id,
     get_logger,
+    log_many,
     new_request_id,
     redact,
 )
@@ -32,6 +33,7 @@ def json_logging():
 
     logging.getLogger().removeHandler(module._configured_handler)
     module._configured_handler = None
+    module._configured = None
     logging.getLogger().setLevel(logging.WARNING)
     structlog.reset_defaults()
 
@@ -55,6 +57,31 @@ def test_json_line_with_request_context(capsys: pytest.CaptureFixture[str]) -> N
     assert first["method"] == "CreateCertificate" and first["batch"] == 3
     assert first["timestamp"].endswith("Z") and "T" in first["timestamp"]
     assert "request_id" not in second
+
+
+def test_log_many_prints_what_the_logger_would(capsys: pytest.CaptureFixture[str]) -> None:
+    entries = [{"request_id": f"r{i}", "identity": f"spiffe://td/ns/a/sa/{i}", "serial": f"{i:x}",
+                "detail": f"Bearer {JWT}", "pin": "123456"} for i in range(3)]
+    get_logger("fastca.batch").info("certificate issued", **entries[0])
+    log_many("fastca.batch", "info", "certificate issued", entries)
+    log_many("fastca.batch", "debug", "below the level", entries)
+    single, *many = lines(capsys.readouterr().err)
+    assert len(many) == 3
+    del single["timestamp"]
+    first = dict(many[0])
+    assert first.pop("timestamp").endswith("Z")
+    assert list(first) == list(single) and first == single     # same keys, same order, same redaction
+    assert single["detail"] == f"Bearer {REDACTED}" and single["pin"] == REDACTED
+    assert [m["request_id"] for m in many] == ["r0", "r1", "r2"]
+
+
+def test_log_many_before_configuration_goes_through_structlog(capsys: pytest.CaptureFixture[str]) -> None:
+    from fastca.observability import logging as module
+
+    module._configured = None
+    structlog.reset_defaults()
+    log_many("fastca.batch", "info", "certificate issued", [{"serial": "ab"}])
+    assert "certificate issued" in capsys.readouterr().out    # structlog's default: stdout
 
 
 def test_secrets_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,6 +43,35 @@ def test_generated_key_signs_and_verifies(softhsm_token, key_type):
         _verify(signer, b"other bytes", signatures[0])
 
 
+def test_home_executor_is_the_pkcs11_thread_and_signs_there_without_a_hop(softhsm_token):
+    base, conf = softhsm_token
+    uri = base.with_object("home-executor", "private")
+    hsm.generate_key(uri, "ec-p256", conf)
+    signer = Pkcs11Signer(uri, softhsm_conf=conf)
+    signing_threads: list[int] = []
+    original = Pkcs11Signer._sign_on_thread
+
+    def recording(self, data):
+        signing_threads.append(threading.get_ident())
+        return original(self, data)
+
+    def batch_at_home():
+        # Work submitted to the home executor may sign directly: a hand-off
+        # to the PKCS#11 thread from the PKCS#11 thread would deadlock.
+        return threading.get_ident(), signer.sign_many([b"home %d" % i for i in range(10)])
+
+    Pkcs11Signer._sign_on_thread = recording
+    try:
+        home_thread, signatures = signer.home_executor.submit(batch_at_home).result(timeout=30)
+        signer.sign_many([b"from the test thread"])
+    finally:
+        Pkcs11Signer._sign_on_thread = original
+    assert home_thread != threading.get_ident()
+    assert signing_threads == [home_thread, home_thread]
+    for i, signature in enumerate(signatures):
+        _verify(signer, b"home %d" % i, signature)
+
+
 def test_generated_key_never_leaves_the_token(softhsm_token):
     base, conf = softhsm_token
     uri = base.with_object("sensitive-check", "private")

@@ -3,11 +3,14 @@
     log = open_audit_log(AuditConfig(), state_dir)
     await log.record(IssuanceRecord.from_issued(issued, caller_identities=..., ...))
     # only now send the certificate; CANotReady / Overloaded mean: do not.
+
+The server's pipeline records a whole batch at once, from its worker thread:
+``log.record_many_then(records, on_done)``.
 """
 
 from fastca.audit.config import AuditConfig, audit_path, open_audit_log
-from fastca.audit.record import IssuanceRecord, normalize_serial
+from fastca.audit.record import IssuanceContext, IssuanceRecord, normalize_serial
 from fastca.audit.sqlite_log import AuditReader, SqliteAuditLog
 
-__all__ = ["AuditConfig", "AuditReader", "IssuanceRecord", "SqliteAuditLog", "audit_path", "normalize_serial",
-           "open_audit_log"]
+__all__ = ["AuditConfig", "AuditReader", "IssuanceContext", "IssuanceRecord", "SqliteAuditLog", "audit_path",
+           "normalize_serial", "open_audit_log"]

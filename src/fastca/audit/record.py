@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastca.pipeline.issuer import IssuedCertificate
 
-__all__ = ["IssuanceRecord", "normalize_serial"]
+__all__ = ["IssuanceContext", "IssuanceRecord", "normalize_serial"]
 
 
 def normalize_serial(serial: str | int) -> str:
@@ -42,6 +42,20 @@ def _utc(name: str, value: dt.datetime) -> dt.datetime:
     if value.tzinfo is None:
         raise ValueError(f"{name} must be timezone-aware (UTC)")
     return value.astimezone(dt.timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuanceContext:
+    """Who asked for a certificate and how: what the front end knows of a
+    request that the certificate itself does not say."""
+
+    caller_identities: tuple[str, ...]    # what authentication proved about the caller
+    credential_type: str                  # e.g. "k8s-jwt", "mtls", "oidc"
+    signer: str                           # the signer's name
+    peer: str                             # the client's address
+    request_id: str
+    impersonated: bool = False
+    cluster_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,14 @@ class IssuanceRecord:
                    signer=signer, fingerprint_sha256=issued.fingerprint_sha256, peer=peer,
                    request_id=request_id, issued_at=issued_at or dt.datetime.now(dt.timezone.utc),
                    impersonated=impersonated, cluster_id=cluster_id)
+
+    @classmethod
+    def of(cls, issued: IssuedCertificate, context: IssuanceContext, issued_at: dt.datetime) -> IssuanceRecord:
+        """The record of ``issued``, made for the request ``context`` describes."""
+        return cls.from_issued(issued, caller_identities=context.caller_identities,
+                               credential_type=context.credential_type, signer=context.signer, peer=context.peer,
+                               request_id=context.request_id, impersonated=context.impersonated,
+                               cluster_id=context.cluster_id, issued_at=issued_at)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: datetimes as ISO 8601 UTC, tuples as lists."""

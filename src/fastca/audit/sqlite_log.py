@@ -223,12 +223,19 @@ class _SyncWaiter:
         self.error: BaseException | None = None
 
 
+class _CallbackWaiter:
+    __slots__ = ("on_done",)
+
+    def __init__(self, on_done: Callable[[CANotReady | None], None]) -> None:
+        self.on_done = on_done
+
+
 class _Item:
     __slots__ = ("records", "waiter")
 
     def __init__(self, records: tuple[IssuanceRecord, ...], waiter: Any) -> None:
         self.records = records
-        self.waiter = waiter   # _SyncWaiter | asyncio.Future
+        self.waiter = waiter   # _SyncWaiter | _CallbackWaiter | asyncio.Future
 
 
 def _resolve_futures(futures: list[asyncio.Future[None]], error: str | None) -> None:
@@ -311,6 +318,20 @@ class SqliteAuditLog:
             raise CANotReady(f"audit log unavailable: no commit within {timeout} s")
         if waiter.error is not None:
             raise waiter.error
+
+    def record_many_then(self, records: Iterable[IssuanceRecord],
+                         on_done: Callable[[CANotReady | None], None]) -> None:
+        """Queue ``records`` as one entry and return at once; ``on_done(None)``
+        runs on the writer thread once they are committed, ``on_done(error)``
+        if the transaction failed. Raises Overloaded or CANotReady (and then
+        never calls ``on_done``) if they cannot be queued. The pipeline uses
+        this so a batch's certificates wait for their commit without a
+        thread of their own."""
+        batch = tuple(records)
+        if not batch:
+            on_done(None)
+            return
+        self._enqueue(_Item(batch, _CallbackWaiter(on_done)))
 
     def _enqueue(self, item: _Item) -> None:
         size = len(item.records)
@@ -423,6 +444,11 @@ class SqliteAuditLog:
             if isinstance(waiter, _SyncWaiter):
                 waiter.error = None if error is None else CANotReady(error)
                 waiter.event.set()
+            elif isinstance(waiter, _CallbackWaiter):
+                try:
+                    waiter.on_done(None if error is None else CANotReady(error))
+                except Exception as exc:  # noqa: BLE001 - one waiter's bug must not strand the others
+                    _log.error("audit_waiter_failed", error=f"{type(exc).__name__}: {exc}")
             else:
                 by_loop.setdefault(waiter.get_loop(), []).append(waiter)
         # One wake-up per event loop per batch, not one per record.

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from fastca.audit.record import IssuanceRecord
+from fastca.audit.record import IssuanceContext, IssuanceRecord
 from fastca.authn.caller import Caller, RequestInfo
 from fastca.authn.chain import AuthenticatorChain
 from fastca.authn.node_authorizer import NodeAuthorizer
@@ -32,12 +32,12 @@ from fastca.errors import (
 )
 from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
 from fastca.frontend.context import request_info
-from fastca.observability.logging import bind_request, get_logger, new_request_id
+from fastca.observability.logging import bind_request, get_logger, log_many, new_request_id
 from fastca.pipeline.batcher import Batcher
 from fastca.pipeline.issuer import IssuedCertificate, IssueRequest
 from fastca.policy.request import RequestPolicy, spiffe_identity_of
 
-__all__ = ["SignerRuntime", "IssuanceService", "IstioCertificateServicer", "SERVICE", "METHOD"]
+__all__ = ["SignerRuntime", "IssuanceService", "log_recorded", "IstioCertificateServicer", "SERVICE", "METHOD"]
 
 SERVICE = "istio.v1.auth.IstioCertificateService"
 METHOD = "CreateCertificate"
@@ -86,20 +86,27 @@ def _sign_error_kind(error: FastcaError) -> str | None:
     return None
 
 
+def log_recorded(records: list[IssuanceRecord]) -> None:
+    """One "certificate issued" line per recorded certificate (the batcher's
+    ``on_recorded``: called once per committed batch, off the event loop)."""
+    log_many("fastca.frontend", "info", "certificate issued", [
+        {"request_id": r.request_id, "peer": r.peer, "identity": r.identity, "serial": r.serial, "signer": r.signer,
+         "credential": r.credential_type, "not_after": r.not_after.isoformat()} for r in records])
+
+
 class IssuanceService:
     """The stages every certificate request goes through, shared by the
     Istio servicer (one request per call) and the bulk servicer (many)."""
 
     def __init__(self, *, trust_domain: str, authenticators: AuthenticatorChain,
                  node_authorizer: NodeAuthorizer | None, policy: RequestPolicy,
-                 signers: dict[str, SignerRuntime], default_signer: str, audit: Any, metrics: Any) -> None:
+                 signers: dict[str, SignerRuntime], default_signer: str, metrics: Any) -> None:
         self.trust_domain = trust_domain
         self._authenticators = authenticators
         self._node_authorizer = node_authorizer
         self._policy = policy
         self._signers = signers
         self._default_signer = default_signer
-        self._audit = audit
         self.metrics = metrics
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> tuple[Caller, RequestInfo]:
@@ -129,17 +136,16 @@ class IssuanceService:
             identity = spiffe_identity_of(caller, self.trust_domain)
 
         self._policy.check(identity, info.peer_ip)
-        issued = await runtime.batcher.submit(IssueRequest(
-            csr=request.csr.encode(), identity=identity, ttl_seconds=request.validity_duration,
-            strict_csr=self._policy.strict_csr and not requested))
-        await self._audit.record(IssuanceRecord.from_issued(
-            issued, caller_identities=caller.identities, credential_type=caller.credential_type,
-            signer=signer_name, peer=info.peer, request_id=request_id, impersonated=bool(requested),
-            cluster_id=info.cluster_id))
+        # The batcher returns the certificate only once its audit record is
+        # committed; the "certificate issued" line is logged then (log_recorded).
+        issued = await runtime.batcher.submit(
+            IssueRequest(csr=request.csr.encode(), identity=identity, ttl_seconds=request.validity_duration,
+                         strict_csr=self._policy.strict_csr and not requested),
+            IssuanceContext(caller_identities=caller.identities, credential_type=caller.credential_type,
+                            signer=signer_name, peer=info.peer, request_id=request_id,
+                            impersonated=bool(requested), cluster_id=info.cluster_id))
         self.metrics.issued()
         self.metrics.observe_issuance(time.perf_counter() - started)
-        log.info("certificate issued", identity=issued.identity, serial=f"{issued.serial:x}", signer=signer_name,
-                 credential=caller.credential_type, not_after=issued.not_after.isoformat())
         return issued
 
     @contextlib.asynccontextmanager

@@ -38,7 +38,7 @@ from fastca.config import CAConfig, resolve_path
 from fastca.errors import ConfigurationError, FastcaError
 from fastca.frontend._proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2, istio_ca_pb2_grpc
 from fastca.frontend.bulk import BulkCertificateServicer
-from fastca.frontend.istio_ca import SERVICE, IssuanceService, IstioCertificateServicer, SignerRuntime
+from fastca.frontend.istio_ca import SERVICE, IssuanceService, IstioCertificateServicer, SignerRuntime, log_recorded
 from fastca.frontend.serving_cert import ServingCertificate
 from fastca.observability.logging import get_logger
 from fastca.observability.metrics import Metrics
@@ -113,15 +113,18 @@ class CAServer:
                 raise ConfigurationError(f"signer name {DEFAULT_SIGNER!r} is reserved for the state directory's CA")
             sources[name] = resolve_path(state_dir, named.state_dir)
         signers: dict[str, ServedSigner] = {}
+        audit = None
         try:
+            audit = open_audit_log(config.audit, state_dir, on_commit=metrics.audit_committed)
             for name, directory in sources.items():
                 loaded = load_ca(directory)
                 issuance = config.issuance if name == DEFAULT_SIGNER else loaded.config.issuance
                 issuer = Issuer(loaded.material, loaded.signer, issuance,
                                 sign_observer=lambda seconds, name=name: metrics.observe_hsm_sign(name, seconds))
-                batcher = Batcher(issuer, executor, max_batch=config.server.batch_max,
+                # A batch runs where its signer lives (the PKCS#11 thread), so it signs without a hand-off.
+                batcher = Batcher(issuer, loaded.signer.home_executor or executor, max_batch=config.server.batch_max,
                                   max_delay_s=config.server.batch_delay_us / 1e6,
-                                  queue_limit=config.server.queue_limit,
+                                  queue_limit=config.server.queue_limit, audit=audit, on_recorded=log_recorded,
                                   observe_batch=lambda size, _seconds: metrics.observe_batch(size))
                 signers[name] = ServedSigner(name, loaded.material, issuer, batcher, loaded.close)
             default_material = signers[DEFAULT_SIGNER].material
@@ -130,10 +133,11 @@ class CAServer:
                 intermediates=[default_material.signing_cert, *default_material.intermediates], base_dir=state_dir)
             node_authorizer = build_node_authorizer(config.authn, trust_domain=config.trust_domain,
                                                     base_dir=state_dir)
-            audit = open_audit_log(config.audit, state_dir, on_commit=metrics.audit_committed)
         except BaseException:
             for signer in signers.values():
                 signer.close()
+            if audit is not None:
+                audit.close()
             executor.shutdown()
             raise
         return cls(config, signers=signers, authenticators=authenticators, node_authorizer=node_authorizer,
@@ -156,7 +160,7 @@ class CAServer:
             trust_domain=config.trust_domain, authenticators=self._authenticators,
             node_authorizer=self._node_authorizer, policy=RequestPolicy(config.policy),
             signers={name: SignerRuntime(name, s.material, s.batcher) for name, s in self._signers.items()},
-            default_signer=DEFAULT_SIGNER, audit=self._audit, metrics=self.metrics)
+            default_signer=DEFAULT_SIGNER, metrics=self.metrics)
         server = grpc.aio.server(options=_grpc_options(config))
         istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(IstioCertificateServicer(issuance), server)
         bulk_pb2_grpc.add_BulkCertificateServiceServicer_to_server(BulkCertificateServicer(issuance), server)

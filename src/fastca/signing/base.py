@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Executor
 from typing import Protocol, Sequence, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -52,6 +53,8 @@ class Signer(Protocol):
     def public_key(self) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey: ...
     @property
     def ecdsa_raw(self) -> bool: ...
+    @property
+    def home_executor(self) -> Executor | None: ...
     def sign(self, data: bytes) -> bytes: ...
     def sign_many(self, data: Sequence[bytes]) -> list[bytes]: ...
     def close(self) -> None: ...
@@ -80,6 +83,13 @@ class SignerBase(ABC):
     @property
     def ecdsa_raw(self) -> bool:
         return self._ecdsa_raw
+
+    @property
+    def home_executor(self) -> Executor | None:
+        """The thread this signer's calls run on, if it has one of its own.
+        Work that signs is best run there: ``sign_many`` then needs no
+        hand-off between threads. None: any thread will do."""
+        return None
 
     def sign(self, data: bytes) -> bytes:
         return self.sign_many([data])[0]

@@ -14,6 +14,7 @@ because it measured faster (bench/RESULTS.md, "PKCS#11 signing path").
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Executor
 from typing import Any, Sequence
 
 from cryptography.hazmat.primitives import serialization
@@ -152,6 +153,10 @@ class Pkcs11Signer(SignerBase):
     @property
     def uri(self) -> Pkcs11Uri:
         return self._uri
+
+    @property
+    def home_executor(self) -> Executor:
+        return self._context.executor
 
     def sign_many(self, data: Sequence[bytes]) -> list[bytes]:
         if self._closed:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 import pkcs11
@@ -30,6 +30,18 @@ __all__ = ["Pkcs11Context", "SOFTHSM2_CONF_ENV"]
 
 T = TypeVar("T")
 SOFTHSM2_CONF_ENV = "SOFTHSM2_CONF"
+
+
+class _OnThread(Executor):
+    """The PKCS#11 thread as an Executor (for Signer.home_executor)."""
+
+    def __init__(self, context: Pkcs11Context) -> None:
+        self._context = context
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if kwargs:
+            return self._context.submit(lambda: fn(*args, **kwargs))
+        return self._context.submit(fn, *args)
 
 
 class Pkcs11Context:
@@ -57,6 +69,12 @@ class Pkcs11Context:
         if os.getpid() != self._pid:
             raise CANotReady("PKCS#11 context used across fork; open the signer in the child process")
         return self._executor.submit(self._on_thread, fn, *args)
+
+    @property
+    def executor(self) -> Executor:
+        """This context's thread as an Executor: what runs there may call
+        PKCS#11 (through ``run``) without a hand-off."""
+        return _OnThread(self)
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         if threading.get_ident() == self._thread_ident:
