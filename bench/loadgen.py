@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from parallel import Parallel, sleep_until
 from stats import merge_load
 
-__all__ = ["CallFailed", "IstioTarget", "LoadSpec", "machine_cpu_seconds", "make_csrs", "process_tree_cpu_seconds",
+__all__ = ["BulkTarget", "CallFailed", "IstioTarget", "LoadSpec", "machine_cpu_seconds", "make_csrs", "process_tree_cpu_seconds",
            "run_load"]
 
 # After a failed call a connection pauses briefly, as an agent backs off,
@@ -142,6 +142,36 @@ class IstioTarget:
                                 call_timeout_s)
 
 
+@dataclass(frozen=True)
+class BulkTarget(IstioTarget):
+    """fastca's bulk RPC: each call carries ``per_call`` CSRs (a node agent
+    renewing many workloads at once). A call counts as ``per_call``
+    certificates; it succeeds only if every element does."""
+
+    per_call: int = 100
+
+    @property
+    def certs_per_call(self) -> int:
+        return self.per_call
+
+    def prepare_all(self, csrs: list[bytes]) -> list[Any]:
+        from fastca.frontend._proto import bulk_pb2
+
+        elements = [self.prepare(csr) for csr in csrs]
+        calls = max(1, len(elements) // self.per_call)
+        return [bulk_pb2.BulkCertificateRequest(
+                    requests=[elements[(c * self.per_call + i) % len(elements)] for i in range(self.per_call)])
+                for c in range(calls)]
+
+    async def connect(self, process_index: int, connection_index: int, call_timeout_s: float) -> Connection:
+        istio = await super().connect(process_index, connection_index, call_timeout_s)
+        from fastca.frontend._proto import bulk_pb2_grpc
+
+        assert isinstance(istio, _IstioConnection)
+        return _BulkConnection(istio._channel, bulk_pb2_grpc.BulkCertificateServiceStub(istio._channel),
+                               istio._headers, call_timeout_s)
+
+
 class _IstioConnection:
     def __init__(self, channel: Any, stub: Any, headers: tuple[tuple[str, str], ...], timeout_s: float) -> None:
         self._channel = channel
@@ -161,6 +191,22 @@ class _IstioConnection:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class _BulkConnection(_IstioConnection):
+    async def call(self, prepared: Any) -> None:
+        import grpc
+
+        try:
+            response = await self._stub.CreateCertificates(prepared, metadata=self._headers, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise CallFailed(error.code().name) from None
+        if len(response.results) != len(prepared.requests):
+            raise CallFailed("MISSING_RESULTS")
+        names = {code.value[0]: code.name for code in grpc.StatusCode}
+        for result in response.results:
+            if result.code != 0:
+                raise CallFailed(f"ELEMENT_{names.get(result.code, result.code)}")
 
 
 def _own_cpu_seconds() -> float:
@@ -216,7 +262,8 @@ async def _drive(connection: Connection, prepared: list[Any], first: int, stride
 
 async def _load_async(target: Target, spec: LoadSpec, process_index: int, csrs: list[bytes],
                       go: Callable[[], float]) -> dict[str, Any]:
-    prepared = [target.prepare(csr) for csr in csrs]
+    prepare_all = getattr(target, "prepare_all", None)
+    prepared = prepare_all(csrs) if prepare_all is not None else [target.prepare(csr) for csr in csrs]
     count = spec.connections_of(process_index)
     connections = await asyncio.gather(*(target.connect(process_index, i, spec.call_timeout_s)
                                          for i in range(count)))
@@ -319,7 +366,8 @@ def run_load(target: Target, spec: LoadSpec, csrs: list[bytes], *, server_pid: i
         reports = run.results(timeout_s=spec.call_timeout_s + 60)
     server_cpu_s = server_after - server_before if server_before is not None and server_after is not None else None
     cpus = os.cpu_count() or 1
-    summary = merge_load(reports, duration_s=spec.duration_s, cpus=cpus, server_cpu_s=server_cpu_s)
+    summary = merge_load(reports, duration_s=spec.duration_s, cpus=cpus, server_cpu_s=server_cpu_s,
+                         certs_per_call=getattr(target, "certs_per_call", 1))
     for kind in ("busy", "steal", "idle"):
         summary[f"machine_{kind}_share"] = (machine_after[kind] - machine_before[kind]) / (spec.duration_s * cpus)
     # CPU that neither side of the benchmark used: other tenants of a shared

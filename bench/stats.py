@@ -25,7 +25,7 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def merge_load(workers: Iterable[dict[str, Any]], *, duration_s: float, cpus: int,
-               server_cpu_s: float | None) -> dict[str, Any]:
+               server_cpu_s: float | None, certs_per_call: int = 1) -> dict[str, Any]:
     """One load run's summary from its workers' reports.
 
     Each worker reports ``latencies`` (array('d') bytes, seconds, successful
@@ -33,6 +33,7 @@ def merge_load(workers: Iterable[dict[str, Any]], *, duration_s: float, cpus: in
     HTTP status -> count, same window) and ``cpu_s`` (its own user+system CPU
     over the window). CPU shares are fractions of the whole machine
     (``cpus`` cores x ``duration_s``), so generator + server + rest = 1.
+    ``certs_per_call``: certificates a successful call carries (bulk calls).
     """
     latencies: list[float] = []
     errors: Counter[str] = Counter()
@@ -44,17 +45,18 @@ def merge_load(workers: Iterable[dict[str, Any]], *, duration_s: float, cpus: in
         errors.update(report["errors"])
         generator_cpu_s += report["cpu_s"]
     latencies.sort()
-    ok = len(latencies)
+    ok = len(latencies) * certs_per_call
     capacity_s = duration_s * cpus
     summary: dict[str, Any] = {
         "certs_per_s": ok / duration_s,
         "ok": ok,
+        "calls_per_s": len(latencies) / duration_s,
         "errors": dict(sorted(errors.items())),
         "latency_ms": {name: percentile(latencies, q) * 1000
                        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
         "generator_cpu_s": generator_cpu_s,
         "generator_cpu_share": generator_cpu_s / capacity_s,
-        "generator_cpu_us_per_call": generator_cpu_s / max(ok + sum(errors.values()), 1) * 1e6,
+        "generator_cpu_us_per_call": generator_cpu_s / max(len(latencies) + sum(errors.values()), 1) * 1e6,
     }
     if server_cpu_s is not None:
         summary.update({

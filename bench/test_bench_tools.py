@@ -41,6 +41,25 @@ def test_merge_load_combines_workers_and_shares_of_the_machine():
     assert merged["generator_cpu_us_per_call"] == pytest.approx(4.0 / 8 * 1e6)
 
 
+def test_merge_load_counts_every_certificate_of_a_bulk_call():
+    merged = merge_load([_report([0.010, 0.020], {}, 1.0)], duration_s=2.0, cpus=2, server_cpu_s=1.0,
+                        certs_per_call=100)
+    assert merged["ok"] == 200 and merged["certs_per_s"] == 100.0 and merged["calls_per_s"] == 1.0
+    assert merged["server_cpu_us_per_cert"] == pytest.approx(5_000)
+    assert merged["generator_cpu_us_per_call"] == pytest.approx(500_000)
+
+
+def test_bulk_target_packs_distinct_csrs_into_calls():
+    from loadgen import BulkTarget
+
+    csrs = make_csrs(250, "ec-p256", distinct_keys=2)
+    calls = BulkTarget("127.0.0.1:1", b"", per_call=100).prepare_all(csrs)
+    assert len(calls) == 2 and all(len(call.requests) == 100 for call in calls)
+    sent = [element.csr for call in calls for element in call.requests]
+    assert len(set(sent)) == 200 and all(element.validity_duration == 86400 for call in calls
+                                        for element in call.requests)
+
+
 def test_merge_load_without_server_pid_or_successes():
     merged = merge_load([_report([], {"UNAUTHENTICATED": 5}, 0.5)], duration_s=1.0, cpus=2, server_cpu_s=None)
     assert merged["certs_per_s"] == 0

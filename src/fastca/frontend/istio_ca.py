@@ -113,11 +113,10 @@ class IssuanceService:
         info = request_info(context)
         return await self._authenticators.authenticate(info), info
 
-    async def issue(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
-                    request_id: str) -> IssuedCertificate:
-        """Signer, impersonation, identity, policy, issuance, then the audit
-        record, committed before the certificate can be returned."""
-        started = time.perf_counter()
+    async def admit(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
+                    request_id: str) -> tuple[Batcher, IssueRequest, IssuanceContext]:
+        """Signer, impersonation, identity and policy: what to issue, for
+        whom, and which signer's batcher issues it."""
         self.metrics.csr_received()
         metadata = _metadata_strings(request.metadata)
         signer_name = metadata.get(CERT_SIGNER, "") or self._default_signer
@@ -136,17 +135,28 @@ class IssuanceService:
             identity = spiffe_identity_of(caller, self.trust_domain)
 
         self._policy.check(identity, info.peer_ip)
-        # The batcher returns the certificate only once its audit record is
-        # committed; the "certificate issued" line is logged then (log_recorded).
-        issued = await runtime.batcher.submit(
-            IssueRequest(csr=request.csr.encode(), identity=identity, ttl_seconds=request.validity_duration,
-                         strict_csr=self._policy.strict_csr and not requested),
-            IssuanceContext(caller_identities=caller.identities, credential_type=caller.credential_type,
-                            signer=signer_name, peer=info.peer, request_id=request_id,
-                            impersonated=bool(requested), cluster_id=info.cluster_id))
-        self.metrics.issued()
-        self.metrics.observe_issuance(time.perf_counter() - started)
+        return (runtime.batcher,
+                IssueRequest(csr=request.csr.encode(), identity=identity, ttl_seconds=request.validity_duration,
+                             strict_csr=self._policy.strict_csr and not requested),
+                IssuanceContext(caller_identities=caller.identities, credential_type=caller.credential_type,
+                                signer=signer_name, peer=info.peer, request_id=request_id,
+                                impersonated=bool(requested), cluster_id=info.cluster_id))
+
+    async def issue(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
+                    request_id: str) -> IssuedCertificate:
+        """Admission, then issuance. The batcher returns the certificate only
+        once its audit record is committed (and the "certificate issued" line
+        is logged then, by log_recorded)."""
+        started = time.perf_counter()
+        batcher, issue_request, context = await self.admit(request, caller, info, request_id)
+        issued = await batcher.submit(issue_request, context)
+        self.issued(time.perf_counter() - started)
         return issued
+
+    def issued(self, seconds: float, count: int = 1) -> None:
+        self.metrics.issued(count)
+        for _ in range(count):
+            self.metrics.observe_issuance(seconds)
 
     @contextlib.asynccontextmanager
     async def rpc(self, context: grpc.aio.ServicerContext, service: str, method: str) -> AsyncIterator[str]:
