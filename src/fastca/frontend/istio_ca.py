@@ -8,9 +8,7 @@ authenticated (RELIABILITY 1).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,22 +156,11 @@ class IssuanceService:
         for _ in range(count):
             self.metrics.observe_issuance(seconds)
 
-    @contextlib.asynccontextmanager
-    async def rpc(self, context: grpc.aio.ServicerContext, service: str, method: str) -> AsyncIterator[str]:
-        """One call: a request id bound to its logs, a refusal turned into
-        its status and public message, and the call counted either way.
-        Yields the request id."""
-        started = time.perf_counter()
-        request_id = new_request_id()
-        code = "OK"
-        with bind_request(request_id, context.peer(), method):
-            try:
-                yield request_id
-            except FastcaError as error:
-                code = self.refused(error)
-                await context.abort(getattr(grpc.StatusCode, code), error.public_message)
-            finally:
-                self.metrics.request_finished(service, method, code, time.perf_counter() - started)
+    def rpc(self, context: grpc.aio.ServicerContext, service: str, method: str) -> _Rpc:
+        """``async with service.rpc(context, SERVICE, METHOD) as request_id:``
+        one call: a request id bound to its logs, a refusal turned into its
+        status and public message, and the call counted either way."""
+        return _Rpc(self, context, service, method)
 
     def refused(self, error: FastcaError) -> str:
         """Count and log a refusal; the gRPC status name to answer with."""
@@ -185,6 +172,47 @@ class IssuanceService:
             self.metrics.sign_error(kind)
         log.warning("request refused", code=code, reason=str(error))
         return code
+
+
+class _Rpc:
+    """IssuanceService.rpc's context manager (a class: it runs on every call,
+    and a generator-based one costs several times as much)."""
+
+    __slots__ = ("_binding", "_context", "_method", "_service", "_service_name", "_started")
+
+    def __init__(self, service: IssuanceService, context: grpc.aio.ServicerContext, service_name: str,
+                 method: str) -> None:
+        self._service = service
+        self._context = context
+        self._service_name = service_name
+        self._method = method
+
+    async def __aenter__(self) -> str:
+        self._started = time.perf_counter()
+        request_id = new_request_id()
+        self._binding = bind_request(request_id, self._context.peer(), self._method)
+        self._binding.__enter__()
+        return request_id
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:
+        code = "OK"
+        try:
+            if isinstance(error, FastcaError):
+                code = self._service.refused(error)
+                await self._context.abort(getattr(grpc.StatusCode, code), error.public_message)
+            elif isinstance(error, Exception):
+                # A bug: the client gets INTERNAL and a generic message, never
+                # the exception's text; the log gets the traceback.
+                code = "INTERNAL"
+                log.error("unexpected error", error=f"{type(error).__name__}: {error}",
+                          exc_info=(kind, error, _tb))
+                await self._context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            elif error is not None:
+                code = "CANCELLED"
+        finally:
+            self._service.metrics.request_finished(self._service_name, self._method, code,
+                                                   time.perf_counter() - self._started)
+            self._binding.__exit__(None, None, None)
 
 
 class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import threading
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric, UnknownMetricFamily
@@ -113,6 +113,7 @@ class Metrics:
         self.default_signer = default_signer
         self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
+        self._rpc_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._csr_count = 0
         self._auth_failure_count = 0
         self._success_count = 0
@@ -181,10 +182,24 @@ class Metrics:
         """One finished unary RPC: ``service`` as in the gRPC path
         ("istio.v1.auth.IstioCertificateService"), ``method`` ("CreateCertificate"),
         ``code`` a grpc.StatusCode name ("OK", "UNAVAILABLE", ...)."""
+        children = self._rpc_children.get((service, method, code))
+        if children is None:
+            children = self._rpc_children_of(service, method, code)
+        requests, handled, handling_seconds = children
+        requests.inc()
+        handled.inc()
+        handling_seconds.observe(seconds)
+
+    def _rpc_children_of(self, service: str, method: str, code: str) -> tuple[Any, Any, Any]:
+        # The labelled series of one (service, method, code), looked up once:
+        # labels() validates and hashes its arguments on every call.
+        key = (service, method, code)
         service, method, code = _label(service), _label(method), _label(code)
-        self._requests.labels(method, code).inc()
-        self._grpc_handled.labels("unary", service, method, code).inc()
-        self._grpc_seconds.labels("unary", service, method).observe(seconds)
+        children = (self._requests.labels(method, code), self._grpc_handled.labels("unary", service, method, code),
+                    self._grpc_seconds.labels("unary", service, method))
+        if len(self._rpc_children) < 1024:     # bounded: codes and methods are few, but callers choose names
+            self._rpc_children[key] = children
+        return children
 
     # -- the pipeline --------------------------------------------------------
 
