@@ -49,7 +49,7 @@ class FastcaServer:
     the server), ``server.address`` (127.0.0.1:PORT), ``server.root_pem``."""
 
     def __init__(self, directory: Path, api_url: str, api_ca_file: Path, *, key_type: str = "ec-p256",
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, server_settings: dict[str, Any] | None = None) -> None:
         self.state = directory / "state"
         self._log = directory / "server.log"
         # Workers share one port, so it must be chosen here; one process takes any.
@@ -63,6 +63,8 @@ class FastcaServer:
         body = tomllib.loads(config_path.read_text())
         body["authn"] = {"tokenreview": [{"cluster_id": CLUSTER_ID, "api_server": api_url,
                                           "ca_file": str(api_ca_file), "token_file": str(token_file)}]}
+        if server_settings:
+            body.setdefault("server", {}).update(server_settings)
         config_path.write_text(tomli_w.dumps(body))
         self._process: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
@@ -123,5 +125,32 @@ class FastcaServer:
                     return event
         return None
 
+    def rss_bytes(self) -> dict[int, int]:
+        """Resident memory of each server process (the supervisor's workers,
+        or the one process), by pid, from /proc."""
+        assert self._process is not None
+        pids = _children(self._process.pid) if self._supervised else [self._process.pid]
+        out = {}
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/status") as status:
+                    for line in status:
+                        if line.startswith("VmRSS:"):
+                            out[pid] = int(line.split()[1]) * 1024
+            except OSError:
+                continue       # a worker that just exited (the supervisor restarts it)
+        return out
+
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                children.extend(int(child) for child in handle.read().split())
+    except OSError:
+        pass
+    return children

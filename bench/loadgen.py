@@ -220,14 +220,19 @@ class _Window:
     def __init__(self, start: float, end: float) -> None:
         self.start, self.end = start, end
         self.latencies = array("d")
+        self.error_latencies = array("d")
         self.errors: Counter[str] = Counter()
 
-    def record(self, done: float, latency: float, code: str | None) -> None:
+    def record(self, done: float, latency: float, code: str | None, service_latency: float) -> None:
+        """``latency`` counts from the scheduled send time (a server that falls
+        behind is charged for the wait); ``service_latency`` from the actual
+        send, which says how fast a refusal came back."""
         if self.start <= done < self.end:
             if code is None:
                 self.latencies.append(latency)
             else:
                 self.errors[code] += 1
+                self.error_latencies.append(service_latency)
 
 
 async def _drive(connection: Connection, prepared: list[Any], first: int, stride: int, window: _Window,
@@ -246,6 +251,7 @@ async def _drive(connection: Connection, prepared: list[Any], first: int, stride
             if began > now:
                 await asyncio.sleep(began - now)
         sent += 1
+        sent_at = time.monotonic()
         try:
             await connection.call(prepared[index % len(prepared)])
             code = None
@@ -254,7 +260,7 @@ async def _drive(connection: Connection, prepared: list[Any], first: int, stride
         except Exception as error:  # noqa: BLE001 - a client-side failure is counted, never fatal to the run
             code = f"CLIENT_{type(error).__name__}"
         done = time.monotonic()
-        window.record(done, done - began, code)
+        window.record(done, done - began, code, done - sent_at)
         index += stride
         if code is not None:
             await asyncio.sleep(_PAUSE_AFTER_ERROR_S)
@@ -292,7 +298,8 @@ async def _load_async(target: Target, spec: LoadSpec, process_index: int, csrs: 
     for task in late:
         task.cancel()
     await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
-    return {"latencies": window.latencies.tobytes(), "errors": dict(window.errors), "cpu_s": cpu_s}
+    return {"latencies": window.latencies.tobytes(), "error_latencies": window.error_latencies.tobytes(),
+            "errors": dict(window.errors), "cpu_s": cpu_s}
 
 
 def _load_worker(target: Target, spec: LoadSpec, process_index: int, csrs: list[bytes],

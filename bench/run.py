@@ -52,7 +52,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
-from stats import compute_ratios, median_of_rounds, ratio
+from stats import compute_ratios, median_of_rounds, ratio, write_report
 
 __all__ = ["build_parser", "main", "render", "run_bench"]
 
@@ -300,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                   console=Console(stderr=True), transient=True) as progress:
         report = run_bench(args, progress)
     render(report, console)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json)
     return 0
 
 

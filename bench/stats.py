@@ -6,11 +6,14 @@ No I/O, no processes: everything here is unit-tested by test_bench_tools.py.
 
 from __future__ import annotations
 
+import json
+
 import math
 import statistics
 from array import array
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["compute_ratios", "median_of_rounds", "merge_load", "percentile", "ratio", "regressions"]
@@ -29,22 +32,28 @@ def merge_load(workers: Iterable[dict[str, Any]], *, duration_s: float, cpus: in
     """One load run's summary from its workers' reports.
 
     Each worker reports ``latencies`` (array('d') bytes, seconds, successful
-    calls completed inside the measured window), ``errors`` (gRPC code or
+    calls completed inside the measured window), ``error_latencies`` (failed
+    calls, from their actual send), ``errors`` (gRPC code or
     HTTP status -> count, same window) and ``cpu_s`` (its own user+system CPU
     over the window). CPU shares are fractions of the whole machine
     (``cpus`` cores x ``duration_s``), so generator + server + rest = 1.
     ``certs_per_call``: certificates a successful call carries (bulk calls).
     """
     latencies: list[float] = []
+    error_latencies: list[float] = []
     errors: Counter[str] = Counter()
     generator_cpu_s = 0.0
     for report in workers:
         samples = array("d")
         samples.frombytes(report["latencies"])
         latencies.extend(samples)
+        failed = array("d")
+        failed.frombytes(report.get("error_latencies", b""))
+        error_latencies.extend(failed)
         errors.update(report["errors"])
         generator_cpu_s += report["cpu_s"]
     latencies.sort()
+    error_latencies.sort()
     ok = len(latencies) * certs_per_call
     capacity_s = duration_s * cpus
     summary: dict[str, Any] = {
@@ -54,6 +63,9 @@ def merge_load(workers: Iterable[dict[str, Any]], *, duration_s: float, cpus: in
         "errors": dict(sorted(errors.items())),
         "latency_ms": {name: percentile(latencies, q) * 1000
                        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        # How fast refusals come back (RESOURCE_EXHAUSTED under overload must be quick).
+        "error_latency_ms": {name: percentile(error_latencies, q) * 1000
+                             for name, q in (("p50", 50), ("p99", 99), ("max", 100))},
         "generator_cpu_s": generator_cpu_s,
         "generator_cpu_share": generator_cpu_s / capacity_s,
         "generator_cpu_us_per_call": generator_cpu_s / max(len(latencies) + sum(errors.values()), 1) * 1e6,
@@ -113,3 +125,10 @@ def regressions(current: dict[str, float | None], baseline: dict[str, float | No
         if measured < floor * expected:
             failed.append(f"{name}: {measured:.3f} < {floor:.0%} of baseline {expected:.3f}")
     return failed
+
+
+def write_report(report: dict[str, Any], path: Path | None) -> None:
+    """The report as indented JSON at ``path`` (its folder made), if given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")

@@ -73,6 +73,11 @@ class ServerConfig(_Section):
     # idle was tried and lost a quarter of that (batches of one after each).
     batch_delay_us: int = Field(2000, ge=0)
     queue_limit: int = Field(4096, ge=1)
+    # Calls a worker holds at once, counted by grpc before any of ours runs:
+    # under overload the queue forms in front of the event loop, not in the
+    # batcher, so this is the bound that answers RESOURCE_EXHAUSTED at once
+    # and keeps memory flat (bench/RESULTS.md, "Overload").
+    max_concurrent_rpcs: int = Field(256, ge=1)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
 
 

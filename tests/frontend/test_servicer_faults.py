@@ -6,8 +6,10 @@ queue bound (RESOURCE_EXHAUSTED)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -65,17 +67,18 @@ class LoopThread:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def harness(ec_token_ca, tmp_path_factory):
+@contextlib.contextmanager
+def _serving(ca, state, **server_settings):
     """A CAServer whose default signer is the SoftHSM CA wrapped in FaultySigner."""
-    state = tmp_path_factory.mktemp("faults")
-    signer = FaultySigner(ec_token_ca.signer)
-    material = ec_token_ca.material
-    config = CAConfig.from_mapping({"server": {"listen": "127.0.0.1:0", "metrics_listen": None}})
+    signer = FaultySigner(ca.signer)
+    material = ca.material
+    config = CAConfig.from_mapping({"server": {"listen": "127.0.0.1:0", "metrics_listen": None,
+                                               **server_settings}})
     executor = ThreadPoolExecutor(2)
     issuer = Issuer(material, signer, IssuanceConfig())
     audit = SqliteAuditLog(state / "audit.db")
-    batcher = Batcher(issuer, executor, max_batch=2, max_delay_s=0.0002, queue_limit=4, audit=audit)
+    batcher = Batcher(issuer, executor, max_batch=2, max_delay_s=0.0002, queue_limit=config.server.queue_limit,
+                      audit=audit)
     authenticators = AuthenticatorChain([ApiKeyAuthenticator(
         {hashlib.sha256(API_KEY.encode()).hexdigest(): "spiffe://cluster.local/ns/faults/sa/test"})])
     server = CAServer(config, signers={"default": ServedSigner("default", material, issuer, batcher, lambda: None)},
@@ -85,10 +88,18 @@ def harness(ec_token_ca, tmp_path_factory):
     loop.run(server.start())
     client = AgentClient(f"localhost:{server.ports['grpc']}", material.root_bundle_pem.encode(),
                          extra_headers=(("x-api-key", API_KEY),))
-    yield server, signer, client, loop
-    signer.mode, signer.gate = None, None
-    loop.run(server.stop(grace=1))
-    loop.close()
+    try:
+        yield server, signer, client, loop
+    finally:
+        signer.mode, signer.gate = None, None
+        loop.run(server.stop(grace=1))
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def harness(ec_token_ca, tmp_path_factory):
+    with _serving(ec_token_ca, tmp_path_factory.mktemp("faults"), queue_limit=4) as served:
+        yield served
 
 
 def _health(client: AgentClient) -> int:
@@ -132,6 +143,13 @@ def test_queue_bound_answers_resource_exhausted_at_once(harness):
     """A stuck HSM: past the queue bound (4) callers get RESOURCE_EXHAUSTED
     immediately instead of waiting; when the HSM returns, the queued ones finish."""
     server, signer, client, loop = harness
+    results = _stuck_calls(client, signer, 10, 6)
+    assert sorted(results) == ["OK"] * 4 + ["RESOURCE_EXHAUSTED"] * 6
+
+
+def _stuck_calls(client: AgentClient, signer: FaultySigner, count: int, refused: int) -> list[str]:
+    """``count`` concurrent calls while the HSM is stuck; returns once ``refused``
+    of them were refused, then lets the HSM go and returns every outcome."""
     signer.gate = threading.Event()
     results: list[str] = []
 
@@ -142,17 +160,26 @@ def test_queue_bound_answers_resource_exhausted_at_once(harness):
         except grpc.RpcError as error:
             results.append(error.code().name)
 
-    threads = [threading.Thread(target=call) for _ in range(10)]
+    threads = [threading.Thread(target=call) for _ in range(count)]
     for thread in threads:
         thread.start()
-    import time
-
     deadline = time.monotonic() + 20
-    while results.count("RESOURCE_EXHAUSTED") < 6 and time.monotonic() < deadline:
+    while results.count("RESOURCE_EXHAUSTED") < refused and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert results.count("RESOURCE_EXHAUSTED") == 6 and "OK" not in results
+    before_release = list(results)
     signer.gate.set()
     for thread in threads:
         thread.join(30)
     signer.gate = None
-    assert sorted(results) == ["OK"] * 4 + ["RESOURCE_EXHAUSTED"] * 6
+    assert "OK" not in before_release
+    return results
+
+
+def test_concurrent_call_bound_refuses_before_the_handler(ec_token_ca, tmp_path):
+    """Under overload the calls queue in front of the event loop, where the
+    batcher cannot see them: grpc's own bound (server.max_concurrent_rpcs)
+    refuses the excess at once, and the held calls finish when the HSM returns."""
+    with _serving(ec_token_ca, tmp_path, max_concurrent_rpcs=3, queue_limit=100) as (server, signer, client, _):
+        results = _stuck_calls(client, signer, 9, 6)
+        assert sorted(results) == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 6
+        assert len(client.create_certificate(agent_csrs()[1].pem)) == 2     # serving normally again

@@ -161,7 +161,8 @@ class CAServer:
             node_authorizer=self._node_authorizer, policy=RequestPolicy(config.policy),
             signers={name: SignerRuntime(name, s.material, s.batcher) for name, s in self._signers.items()},
             default_signer=DEFAULT_SIGNER, metrics=self.metrics)
-        server = grpc.aio.server(options=_grpc_options(config))
+        server = grpc.aio.server(options=_grpc_options(config),
+                                 maximum_concurrent_rpcs=config.server.max_concurrent_rpcs)
         istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(IstioCertificateServicer(issuance), server)
         bulk_pb2_grpc.add_BulkCertificateServiceServicer_to_server(BulkCertificateServicer(issuance), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
