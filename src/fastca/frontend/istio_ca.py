@@ -30,7 +30,7 @@ from fastca.errors import (
 )
 from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
 from fastca.frontend.context import request_info
-from fastca.observability.logging import bind_request, get_logger, log_many, new_request_id
+from fastca.observability.logging import enter_request, get_logger, leave_request, log_many, new_request_id
 from fastca.pipeline.batcher import Batcher
 from fastca.pipeline.issuer import IssuedCertificate, IssueRequest
 from fastca.policy.request import RequestPolicy, spiffe_identity_of
@@ -190,8 +190,7 @@ class _Rpc:
     async def __aenter__(self) -> str:
         self._started = time.perf_counter()
         request_id = new_request_id()
-        self._binding = bind_request(request_id, self._context.peer(), self._method)
-        self._binding.__enter__()
+        self._binding = enter_request(request_id, self._context.peer(), self._method)
         return request_id
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:
@@ -212,7 +211,7 @@ class _Rpc:
         finally:
             self._service.metrics.request_finished(self._service_name, self._method, code,
                                                    time.perf_counter() - self._started)
-            self._binding.__exit__(None, None, None)
+            leave_request(self._binding)
 
 
 class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer):

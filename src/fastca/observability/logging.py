@@ -31,8 +31,8 @@ from typing import Any, Iterator, MutableMapping
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "log_many", "new_request_id", "bind_request", "current_request_id",
-           "redact", "REDACTED"]
+__all__ = ["configure_logging", "get_logger", "log_many", "new_request_id", "bind_request", "enter_request",
+           "leave_request", "current_request_id", "redact", "REDACTED"]
 
 REDACTED = "[REDACTED]"
 
@@ -271,11 +271,22 @@ def current_request_id() -> str | None:
 def bind_request(request_id: str, peer: str, method: str) -> Iterator[str]:
     """Within the block, every log event carries request_id, peer and method
     (contextvars: per asyncio task and per thread)."""
-    token = _request.set((request_id, peer, method))
+    token = enter_request(request_id, peer, method)
     try:
         yield request_id
     finally:
-        _request.reset(token)
+        leave_request(token)
+
+
+def enter_request(request_id: str, peer: str, method: str) -> contextvars.Token[tuple[str, str, str] | None]:
+    """bind_request's two halves, for a caller that is itself a context
+    manager on the hot path: ``token = enter_request(...)``, later
+    ``leave_request(token)`` in the same context."""
+    return _request.set((request_id, peer, method))
+
+
+def leave_request(token: contextvars.Token[tuple[str, str, str] | None]) -> None:
+    _request.reset(token)
 
 
 def _merge_request(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
