@@ -69,8 +69,9 @@ class ServerConfig(_Section):
     max_receive_message_bytes: int = Field(256 * 1024, gt=1024)
     batch_max: int = Field(64, ge=1, le=4096)
     # Measured (bench/RESULTS.md): a 2 ms window gave 1.6x the throughput of
-    # 0.2 ms under load (bigger batches, fewer hops); flushing at once when
-    # idle was tried and lost a quarter of that (batches of one after each).
+    # 0.2 ms under load (bigger batches, fewer hops); flushing at once whenever
+    # no batch was in flight lost a quarter of that (batches of one after
+    # each). Only a quiet server (recent batches of one) skips the window.
     batch_delay_us: int = Field(2000, ge=0)
     queue_limit: int = Field(4096, ge=1)
     # Calls a worker holds at once, counted by grpc before any of ours runs:
