@@ -362,3 +362,27 @@ def test_config_and_open(tmp_path: Path) -> None:
         AuditConfig.model_validate({"max_batch": 0})
     with pytest.raises(ValueError):
         AuditConfig.model_validate({"unknown": 1})
+
+
+def test_record_many_then_answers_on_the_writer_thread_and_survives_a_broken_callback(db: Path) -> None:
+    answered: list[tuple[str, object, bool]] = []
+    done = threading.Event()
+
+    def broken(error: object) -> None:
+        answered.append(("broken", error, threading.current_thread().name == "fastca-audit-writer"))
+        raise RuntimeError("a bug in the waiter")
+
+    def fine(error: object) -> None:
+        answered.append(("fine", error, threading.current_thread().name == "fastca-audit-writer"))
+        done.set()
+
+    with SqliteAuditLog(db) as log:
+        log.record_many_then([make_record(1), make_record(2)], broken)
+        log.record_many_then([make_record(3)], fine)
+        assert done.wait(10)
+        log.record_many_sync([make_record(4)], timeout=10)     # the writer is still alive
+        assert log.count() == 4
+        called = []
+        log.record_many_then([], called.append)                # nothing to record: answered at once
+        assert called == [None]
+    assert answered == [("broken", None, True), ("fine", None, True)]

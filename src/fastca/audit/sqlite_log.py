@@ -22,6 +22,7 @@ their writers (``busy_timeout``), and each process keeps its own writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import sqlite3
@@ -448,7 +449,8 @@ class SqliteAuditLog:
                 try:
                     waiter.on_done(None if error is None else CANotReady(error))
                 except Exception as exc:  # noqa: BLE001 - one waiter's bug must not strand the others
-                    _log.error("audit_waiter_failed", error=f"{type(exc).__name__}: {exc}")
+                    with contextlib.suppress(Exception):   # nor kill the writer, if logging fails too
+                        _log.error("audit_waiter_failed", error=f"{type(exc).__name__}: {exc}")
             else:
                 by_loop.setdefault(waiter.get_loop(), []).append(waiter)
         # One wake-up per event loop per batch, not one per record.

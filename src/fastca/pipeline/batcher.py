@@ -232,15 +232,18 @@ class Batcher:
             return
 
         def committed(error: CANotReady | None) -> None:
-            if error is not None:
-                for i in recorded:
-                    outcomes[i] = error
-            elif self._on_recorded is not None:
-                try:
-                    self._on_recorded(records)
-                except Exception as exc:  # noqa: BLE001 - an observer must not withhold recorded certificates
-                    log.error("issuance observer failed", error=f"{type(exc).__name__}: {exc}")
-            answer(outcomes)
+            try:
+                if error is not None:
+                    for i in recorded:
+                        outcomes[i] = error
+                elif self._on_recorded is not None:
+                    try:
+                        self._on_recorded(records)
+                    except Exception as exc:  # noqa: BLE001 - an observer must not withhold recorded certificates
+                        log.error("issuance observer failed", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                # Even if logging itself fails (a closed stderr), the callers are answered.
+                answer(outcomes)
 
         try:
             self._audit.record_many_then(records, committed)
