@@ -248,6 +248,23 @@ def test_submit_many_keeps_order_and_refuses_only_what_does_not_fit(issuer_parts
         assert audit.get(outcomes[i].serial).request_id == f"req-{i}"
     assert audit.count() == 5 and batcher.depth == 0
 
+    # With no room at all, every element is refused on its own; the call itself is not.
+    gate = threading.Event()
+    stuck = RecordingIssuer(*issuer_parts, IssuanceConfig(), gate=gate)
+    with ThreadPoolExecutor(1) as executor:
+        full = Batcher(stuck, executor, max_batch=4, max_delay_s=0.002, queue_limit=2, audit=audit)
+
+        async def no_room():
+            holding = asyncio.ensure_future(full.submit_many(requests[:2]))
+            await asyncio.sleep(0.05)
+            refused = await full.submit_many(requests[3:6])
+            gate.set()
+            return refused, await holding
+
+        refused, held = asyncio.run(no_room())
+    assert len(refused) == 3 and all(isinstance(o, Overloaded) for o in refused)
+    assert all(isinstance(o, IssuedCertificate) for o in held)
+
 
 def test_requests_without_context_are_refused_when_recording(issuer_parts, audit):
     issuer = RecordingIssuer(*issuer_parts, IssuanceConfig())
