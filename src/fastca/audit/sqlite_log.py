@@ -216,14 +216,6 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
-class _SyncWaiter:
-    __slots__ = ("event", "error")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.error: BaseException | None = None
-
-
 class _CallbackWaiter:
     __slots__ = ("on_done",)
 
@@ -236,7 +228,7 @@ class _Item:
 
     def __init__(self, records: tuple[IssuanceRecord, ...], waiter: Any) -> None:
         self.records = records
-        self.waiter = waiter   # _SyncWaiter | _CallbackWaiter | asyncio.Future
+        self.waiter = waiter   # _CallbackWaiter | asyncio.Future
 
 
 def _resolve_futures(futures: list[asyncio.Future[None]], error: str | None) -> None:
@@ -295,9 +287,7 @@ class SqliteAuditLog:
     async def record(self, record: IssuanceRecord) -> None:
         """Return once ``record`` is committed; raise Overloaded (queue full)
         or CANotReady (the commit failed, or the log is closed)."""
-        future = asyncio.get_running_loop().create_future()
-        self._enqueue(_Item((record,), future))
-        await future
+        await self.record_many((record,))
 
     async def record_many(self, records: Iterable[IssuanceRecord]) -> None:
         """All of ``records`` in one queue entry (one transaction, normally)."""
@@ -313,12 +303,18 @@ class SqliteAuditLog:
         batch = tuple(records)
         if not batch:
             return
-        waiter = _SyncWaiter()
-        self._enqueue(_Item(batch, waiter))
-        if not waiter.event.wait(timeout):
+        committed = threading.Event()
+        errors: list[CANotReady | None] = []
+
+        def on_done(error: CANotReady | None) -> None:
+            errors.append(error)
+            committed.set()
+
+        self._enqueue(_Item(batch, _CallbackWaiter(on_done)))
+        if not committed.wait(timeout):
             raise CANotReady(f"audit log unavailable: no commit within {timeout} s")
-        if waiter.error is not None:
-            raise waiter.error
+        if errors[0] is not None:
+            raise errors[0]
 
     def record_many_then(self, records: Iterable[IssuanceRecord],
                          on_done: Callable[[CANotReady | None], None]) -> None:
@@ -442,10 +438,7 @@ class SqliteAuditLog:
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for item in items:
             waiter = item.waiter
-            if isinstance(waiter, _SyncWaiter):
-                waiter.error = None if error is None else CANotReady(error)
-                waiter.event.set()
-            elif isinstance(waiter, _CallbackWaiter):
+            if isinstance(waiter, _CallbackWaiter):
                 try:
                     waiter.on_done(None if error is None else CANotReady(error))
                 except Exception as exc:  # noqa: BLE001 - one waiter's bug must not strand the others
