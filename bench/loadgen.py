@@ -128,9 +128,16 @@ class IstioTarget:
                                                     metadata=metadata)
 
     async def connect(self, process_index: int, connection_index: int, call_timeout_s: float) -> Connection:
-        import grpc
-
         from fastca.frontend._proto import istio_ca_pb2_grpc
+
+        channel, headers = await self._open(process_index, connection_index)
+        return _IstioConnection(channel, istio_ca_pb2_grpc.IstioCertificateServiceStub(channel), headers,
+                                call_timeout_s)
+
+    async def _open(self, process_index: int, connection_index: int) -> tuple[Any, tuple[tuple[str, str], ...]]:
+        """A channel of its own (its own TCP connection and TLS session) and
+        the headers an agent sends on it."""
+        import grpc
 
         channel = grpc.aio.secure_channel(
             self.address, grpc.ssl_channel_credentials(self.root_pem),
@@ -138,8 +145,7 @@ class IstioTarget:
         await asyncio.wait_for(channel.channel_ready(), timeout=30)
         headers = (("authorization", f"Bearer {self.token(process_index, connection_index)}"),
                    ("clusterid", self.cluster_id))
-        return _IstioConnection(channel, istio_ca_pb2_grpc.IstioCertificateServiceStub(channel), headers,
-                                call_timeout_s)
+        return channel, headers
 
 
 @dataclass(frozen=True)
@@ -164,12 +170,10 @@ class BulkTarget(IstioTarget):
                 for c in range(calls)]
 
     async def connect(self, process_index: int, connection_index: int, call_timeout_s: float) -> Connection:
-        istio = await super().connect(process_index, connection_index, call_timeout_s)
         from fastca.frontend._proto import bulk_pb2_grpc
 
-        assert isinstance(istio, _IstioConnection)
-        return _BulkConnection(istio._channel, bulk_pb2_grpc.BulkCertificateServiceStub(istio._channel),
-                               istio._headers, call_timeout_s)
+        channel, headers = await self._open(process_index, connection_index)
+        return _BulkConnection(channel, bulk_pb2_grpc.BulkCertificateServiceStub(channel), headers, call_timeout_s)
 
 
 class _IstioConnection:
@@ -203,10 +207,18 @@ class _BulkConnection(_IstioConnection):
             raise CallFailed(error.code().name) from None
         if len(response.results) != len(prepared.requests):
             raise CallFailed("MISSING_RESULTS")
-        names = {code.value[0]: code.name for code in grpc.StatusCode}
         for result in response.results:
             if result.code != 0:
-                raise CallFailed(f"ELEMENT_{names.get(result.code, result.code)}")
+                raise CallFailed(f"ELEMENT_{_status_name(result.code)}")
+
+
+def _status_name(code: int) -> str:
+    import grpc
+
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status.name
+    return str(code)
 
 
 def _own_cpu_seconds() -> float:

@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import threading
@@ -73,15 +74,11 @@ class MemorySampler:
 
 
 def _slope_per_minute(points: list[tuple[float, float]]) -> float:
-    if len(points) < 2:
+    """Least-squares slope of (seconds, MB) points, in MB per minute."""
+    if len(points) < 2 or len({t for t, _ in points}) < 2:
         return 0.0
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    spread = sum((t - mean_t) ** 2 for t, _ in points)
-    if spread == 0:
-        return 0.0
-    return sum((t - mean_t) * (v - mean_v) for t, v in points) / spread * 60
+    times, values = zip(*points)
+    return statistics.linear_regression(times, values).slope * 60
 
 
 def memory_summary(samples: list[tuple[float, dict[int, int]]], skip_s: float = 0.0) -> dict[str, Any]:

@@ -110,3 +110,17 @@ def test_csrs_are_distinct_and_agent_shaped():
     san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert san.critical
     assert san.value.get_values_for_type(x509.UniformResourceIdentifier)[0].startswith("spiffe://cluster.local/")
+
+
+def test_memory_summary_per_process_slope_and_limit():
+    from stability import memory_summary
+
+    mb = 2**20
+    samples = [(0.0, {7: 90 * mb, 8: 40 * mb}), (5.0, {7: 95 * mb}), (60.0, {7: 91 * mb, 8: 40 * mb}),
+               (120.0, {7: 92 * mb, 8: 160 * mb})]
+    summary = memory_summary(samples, skip_s=1.0)
+    first = summary["processes"]["7"]
+    assert (first["first_mb"], first["last_mb"], first["max_mb"], first["samples"]) == (95.0, 92.0, 95.0, 3)
+    assert first["slope_mb_per_min"] < 0
+    assert summary["processes"]["8"]["slope_mb_per_min"] == pytest.approx(120.0)
+    assert summary["max_mb"] == 160.0 and summary["within_limit"] is False
