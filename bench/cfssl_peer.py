@@ -43,8 +43,12 @@ class CfsslTarget:
 
     address: str                   # 127.0.0.1:PORT
 
+    @staticmethod
+    def body(csr_pem: bytes) -> bytes:
+        return json.dumps({"certificate_request": csr_pem.decode()}).encode()
+
     def prepare(self, csr_pem: bytes) -> bytes:
-        body = json.dumps({"certificate_request": csr_pem.decode()}).encode()
+        body = self.body(csr_pem)
         return (f"POST {SIGN_PATH} HTTP/1.1\r\nHost: {self.address}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 

@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from parallel import Parallel, sleep_until
 from stats import merge_load
 
-__all__ = ["BulkTarget", "CallFailed", "IstioTarget", "LoadSpec", "machine_cpu_seconds", "make_csrs", "process_tree_cpu_seconds",
-           "run_load"]
+__all__ = ["BulkTarget", "CallFailed", "IstioTarget", "LoadSpec", "MeasuredWindow", "machine_cpu_seconds", "make_csrs",
+           "measure_window", "process_tree_cpu_seconds", "run_load", "summarise"]
 
 # After a failed call a connection pauses briefly, as an agent backs off,
 # instead of spinning on an error at full speed.
@@ -365,30 +365,52 @@ def run_load(target: Target, spec: LoadSpec, csrs: list[bytes], *, server_pid: i
     the server's CPU over the same window when its pid is known.
     ``tick(fraction)`` is called a few times a second for a progress bar."""
     args = [(target, spec, p, csrs[p::spec.processes]) for p in range(spec.processes)]
-    total_s = spec.warmup_s + spec.duration_s
     with Parallel(_load_worker, args) as run:
-        start_at = run.go()
-        window_start, window_end = start_at + spec.warmup_s, start_at + total_s
-
-        def wait_until(deadline: float) -> None:
-            while time.monotonic() < deadline:
-                sleep_until(min(deadline, time.monotonic() + _TICK_S))
-                if tick is not None:
-                    tick(min(1.0, (time.monotonic() - start_at) / total_s))
-
-        wait_until(window_start)
-        server_before = process_tree_cpu_seconds(server_pid) if server_pid else None
-        machine_before = machine_cpu_seconds()
-        wait_until(window_end)
-        server_after = process_tree_cpu_seconds(server_pid) if server_pid else None
-        machine_after = machine_cpu_seconds()
+        measured = measure_window(run.go(), spec, server_pid, tick)
         reports = run.results(timeout_s=spec.call_timeout_s + 60)
+    return summarise(reports, spec, measured, certs_per_call=getattr(target, "certs_per_call", 1))
+
+
+@dataclass(frozen=True)
+class MeasuredWindow:
+    """What the driver measured around the generator's window: the server's
+    CPU (None without its pid) and the machine's, by kind."""
+
+    server_cpu_s: float | None
+    machine: dict[str, float]
+
+
+def measure_window(start_at: float, spec: LoadSpec, server_pid: int | None,
+                   tick: Callable[[float], None] | None) -> MeasuredWindow:
+    """Block through a load that started at ``start_at`` (time.monotonic) and
+    measure the server's and the machine's CPU over its measured window."""
+    total_s = spec.warmup_s + spec.duration_s
+    window_start, window_end = start_at + spec.warmup_s, start_at + total_s
+
+    def wait_until(deadline: float) -> None:
+        while time.monotonic() < deadline:
+            sleep_until(min(deadline, time.monotonic() + _TICK_S))
+            if tick is not None:
+                tick(min(1.0, (time.monotonic() - start_at) / total_s))
+
+    wait_until(window_start)
+    server_before = process_tree_cpu_seconds(server_pid) if server_pid else None
+    machine_before = machine_cpu_seconds()
+    wait_until(window_end)
+    server_after = process_tree_cpu_seconds(server_pid) if server_pid else None
+    machine_after = machine_cpu_seconds()
     server_cpu_s = server_after - server_before if server_before is not None and server_after is not None else None
+    return MeasuredWindow(server_cpu_s, {kind: machine_after[kind] - machine_before[kind] for kind in machine_after})
+
+
+def summarise(reports: list[dict[str, Any]], spec: LoadSpec, measured: MeasuredWindow, *,
+              certs_per_call: int = 1) -> dict[str, Any]:
+    """The generator's reports and the window's CPU as one load summary."""
     cpus = os.cpu_count() or 1
-    summary = merge_load(reports, duration_s=spec.duration_s, cpus=cpus, server_cpu_s=server_cpu_s,
-                         certs_per_call=getattr(target, "certs_per_call", 1))
+    summary = merge_load(reports, duration_s=spec.duration_s, cpus=cpus, server_cpu_s=measured.server_cpu_s,
+                         certs_per_call=certs_per_call)
     for kind in ("busy", "steal", "idle"):
-        summary[f"machine_{kind}_share"] = (machine_after[kind] - machine_before[kind]) / (spec.duration_s * cpus)
+        summary[f"machine_{kind}_share"] = measured.machine[kind] / (spec.duration_s * cpus)
     # CPU that neither side of the benchmark used: other tenants of a shared
     # machine (and this parent process). Large values make the run suspect.
     summary["machine_other_share"] = max(0.0, summary["machine_busy_share"] - summary["generator_cpu_share"]

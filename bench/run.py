@@ -35,6 +35,7 @@ from cfssl_peer import CfsslPeer
 from fake_apiserver import FakeApiServer
 from fastca_server import FastcaServer, serve_supports_workers
 from loadgen import BulkTarget, IstioTarget, LoadSpec, make_csrs, run_load
+from native_load import run_native_load
 from probes import (
     KEY_LABELS,
     ProbeToken,
@@ -70,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds of each load [30]")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each load [5]")
     parser.add_argument("--connections", type=int, default=64, help="concurrent connections in all [64]")
-    parser.add_argument("--processes", type=int, default=2, help="load generator processes [2]")
+    parser.add_argument("--processes", type=int, default=2, help="Python load generator processes [2]")
+    parser.add_argument("--generator", choices=["python", "native"], default="python",
+                        help="who makes the load, for fastca and cfssl alike: the Python generator "
+                             "(bench/loadgen.py), or bench/agentload (Go, grpc-go: istio-agent's own client "
+                             "stack, a fraction of the CPU per call; needs golang-go and "
+                             "golang-google-grpc-dev) [python]")
     parser.add_argument("--rate", type=float, help="pace the load to this many calls/s in all (overload and "
                         "latency-at-fraction-of-peak tests); default: closed loop")
     parser.add_argument("--key-type", choices=sorted(KEY_LABELS), default="ec-p256",
@@ -158,6 +164,9 @@ def run_bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                     duration_s=args.duration, call_timeout_s=args.call_timeout, rate=args.rate)
     cfssl_status = ("disabled" if not args.cfssl or args.bulk else "ok" if CfsslPeer.available()
                     else "cfssl not installed")
+    if args.generator == "native" and args.bulk:
+        raise SystemExit("--generator native drives the Istio path and cfssl; the bulk RPC needs --generator python")
+    load = run_native_load if args.generator == "native" else run_load
     phase = progress.add_task("setup", total=None)
 
     def step(text: str) -> None:
@@ -188,13 +197,12 @@ def run_bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                 step(f"{tag}: fastca load")
                 target = (BulkTarget(server.address, server.root_pem, per_call=args.bulk) if args.bulk
                           else IstioTarget(server.address, server.root_pem))
-                fastca = run_load(target, spec, csrs,
-                                  server_pid=server.pid, tick=load_bar(f"{tag} fastca"))
+                fastca = load(target, spec, csrs, server_pid=server.pid, tick=load_bar(f"{tag} fastca"))
                 cfssl = None
                 if peer is not None:
                     step(f"{tag}: cfssl load")
                     assert peer.target is not None
-                    cfssl = run_load(peer.target, spec, csrs, server_pid=peer.pid, tick=load_bar(f"{tag} cfssl"))
+                    cfssl = load(peer.target, spec, csrs, server_pid=peer.pid, tick=load_bar(f"{tag} cfssl"))
                 probes = _probes(token, args, csrs[:_PROBE_CSRS], lambda text, tag=tag: step(f"{tag}: {text}"))
                 rounds.append({"fastca": fastca, "cfssl": cfssl, "probes": probes,
                                "ratios": _round_ratios(args.key_type, fastca, cfssl, probes)})
@@ -248,12 +256,18 @@ def _fmt(value: Any, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _generator(options: dict[str, Any]) -> str:
+    if options.get("generator") == "native":
+        return "the native generator (agentload, grpc-go)"
+    return f"{options['processes']} Python generator processes"
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     meta, medians = report["meta"], report["median"]
     options = meta["options"]
     console.print(f"[bold]fastca bench[/] {meta['date']}  {meta['cpus']} CPUs ({meta['cpu_model']})  "
                   f"median of {len(report['rounds'])} rounds; {options['connections']} connections over "
-                  f"{options['processes']} generator processes, {options['csr_key_type']} CSRs, "
+                  f"{_generator(options)}, {options['csr_key_type']} CSRs, "
                   f"{options['key_type']} CA key; fastca: {meta['server_processes']} server process(es), TLS, "
                   f"{'bulk RPC, ' + str(options['bulk']) + ' CSRs per call' if options.get('bulk') else 'Istio path'}, "
                   f"SoftHSM; cfssl: {meta['cfssl']}")

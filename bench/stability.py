@@ -37,6 +37,7 @@ from typing import Any
 from fake_apiserver import FakeApiServer
 from fastca_server import FastcaServer
 from loadgen import IstioTarget, LoadSpec, make_csrs, run_load
+from native_load import run_native_load
 from rich.console import Console
 from rich.table import Table
 from stats import write_report
@@ -102,7 +103,11 @@ def memory_summary(samples: list[tuple[float, dict[int, int]]], skip_s: float = 
 def _peak(server: FastcaServer, csrs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
     spec = LoadSpec(processes=args.processes, connections=_PEAK_CONNECTIONS, warmup_s=3.0,
                     duration_s=args.peak_seconds, call_timeout_s=args.call_timeout)
-    return run_load(IstioTarget(server.address, server.root_pem), spec, csrs, server_pid=server.pid)
+    return _load(args)(IstioTarget(server.address, server.root_pem), spec, csrs, server_pid=server.pid)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    return run_native_load if args.generator == "native" else run_load
 
 
 def _brief(load: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +126,7 @@ def run_overload(server: FastcaServer, csrs: list[bytes], args: argparse.Namespa
     spec = LoadSpec(processes=args.processes, connections=args.connections, warmup_s=3.0,
                     duration_s=args.phase_seconds, call_timeout_s=args.call_timeout, rate=offered)
     with MemorySampler(server, args.sample_seconds) as overload_memory:
-        overload = run_load(IstioTarget(server.address, server.root_pem), spec, csrs, server_pid=server.pid)
+        overload = _load(args)(IstioTarget(server.address, server.root_pem), spec, csrs, server_pid=server.pid)
     say("overload: peak again (recovery)")
     after = _peak(server, csrs, args)
     return {
@@ -148,7 +153,7 @@ def run_soak(server: FastcaServer, csrs: list[bytes], args: argparse.Namespace, 
     spec = LoadSpec(processes=args.processes, connections=_PEAK_CONNECTIONS, warmup_s=warmup_s,
                     duration_s=args.minutes * 60, call_timeout_s=args.call_timeout, rate=rate)
     with MemorySampler(server, args.sample_seconds) as memory:
-        load = run_load(IstioTarget(server.address, server.root_pem), spec, csrs, server_pid=server.pid)
+        load = _load(args)(IstioTarget(server.address, server.root_pem), spec, csrs, server_pid=server.pid)
     return {"peak_certs_per_s": peak, "load": _brief(load),
             "memory": memory_summary(memory.samples, skip_s=warmup_s),
             "memory_samples": [(round(at, 1), {str(pid): rss for pid, rss in by_pid.items()})
@@ -159,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["overload", "soak"])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="fastca serve --workers [CPUs]")
-    parser.add_argument("--processes", type=int, default=2, help="load generator processes [2]")
+    parser.add_argument("--processes", type=int, default=2, help="Python load generator processes [2]")
+    parser.add_argument("--generator", choices=["python", "native"], default="python",
+                        help="the Python generator, or bench/agentload (Go, grpc-go), which can offer 3x "
+                             "the peak without taking the server's CPU [python]")
     parser.add_argument("--peak", type=float, help="the peak rate, if already known (skips measuring it)")
     parser.add_argument("--peak-seconds", type=float, default=15.0, help="length of a peak measurement [15]")
     parser.add_argument("--factor", type=float, default=3.0, help="overload: offered load over the peak [3]")
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         result = (run_overload if args.mode == "overload" else run_soak)(server, csrs, args, say)
     report = {"meta": {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                        "command": shlex.join(sys.argv), "cpus": os.cpu_count(), "workers": args.workers,
+                       "generator": args.generator,
                        "queue_limit_per_worker": args.queue_limit,
                        "elapsed_s": round(time.monotonic() - started, 1)},
               **result}

@@ -335,3 +335,70 @@ def test_a_lone_request_skips_the_window_and_load_still_batches(issuer_parts):
     # ...and a burst after the quiet spell is still batched, not sent one by one.
     assert len(burst) == 40 and sum(issuer.batches[3:]) == 40
     assert max(issuer.batches[3:]) == 16 and len(issuer.batches) - 3 <= 5
+
+
+def test_requests_arriving_while_the_thread_is_busy_leave_as_one_batch(issuer_parts):
+    # The PKCS#11 thread is busy with a batch; requests keep arriving over
+    # several batch windows. They wait in the batcher, not in the executor's
+    # queue, and go together the moment the thread is free.
+    gate = threading.Event()
+    issuer = RecordingIssuer(*issuer_parts, IssuanceConfig(), gate=gate)
+    with ThreadPoolExecutor(1) as executor:
+        batcher = Batcher(issuer, executor, max_batch=64, max_delay_s=0.002, queue_limit=1000, concurrency=1)
+
+        async def main():
+            first = asyncio.ensure_future(batcher.submit(IssueRequest(agent_csrs()[0].pem, ID)))
+            await asyncio.sleep(0.02)               # first is on the thread, blocked on the gate
+            later = []
+            for i in range(20):                     # 20 requests over ~10 windows
+                later.append(asyncio.ensure_future(batcher.submit(IssueRequest(agent_csrs()[i % 12].pem, ID))))
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.01)
+            assert issuer.batches == [] and batcher.depth == 21
+            gate.set()
+            return await asyncio.gather(first, *later)
+
+        results = asyncio.run(main())
+    assert len(results) == 21 and all(r.identity == ID for r in results)
+    assert issuer.batches == [1, 20]
+
+
+class CountingIssuer(RecordingIssuer):
+    """Counts the batches inside issue_many at once (before the gate)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+
+    def issue_many(self, requests):
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            return super().issue_many(requests)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_at_most_concurrency_batches_are_issued_at_once(issuer_parts, concurrency):
+    gate = threading.Event()
+    issuer = CountingIssuer(*issuer_parts, IssuanceConfig(), gate=gate)
+    with ThreadPoolExecutor(4) as executor:
+        batcher = Batcher(issuer, executor, max_batch=2, max_delay_s=0.001, queue_limit=1000,
+                          concurrency=concurrency)
+
+        async def main():
+            calls = [asyncio.ensure_future(batcher.submit(IssueRequest(agent_csrs()[i].pem, ID))) for i in range(8)]
+            await asyncio.sleep(0.05)
+            gate.set()
+            return await asyncio.gather(*calls)
+
+        results = asyncio.run(main())
+    assert len(results) == 8 and sum(issuer.batches) == 8
+    assert issuer.most_inside == concurrency
+    with pytest.raises(ValueError):
+        Batcher(issuer, executor, max_batch=2, max_delay_s=0.001, queue_limit=10, concurrency=0)

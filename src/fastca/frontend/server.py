@@ -51,6 +51,8 @@ __all__ = ["CAServer", "ServedSigner", "DEFAULT_SIGNER", "serve"]
 DEFAULT_SIGNER = "default"
 _HEALTH_PROBE_INTERVAL_S = 10.0
 _RENEWAL_CHECK_INTERVAL_S = 60.0
+# Threads for signers without a thread of their own (in-memory keys) and for setup work.
+_ISSUE_THREADS = 2
 
 log = get_logger("fastca.server")
 
@@ -106,7 +108,7 @@ class CAServer:
         """Load the state directory's CA (the default signer) and every named
         signer, and build the collaborators the configuration asks for."""
         metrics = Metrics()
-        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="issue")
+        executor = ThreadPoolExecutor(max_workers=_ISSUE_THREADS, thread_name_prefix="issue")
         sources = {DEFAULT_SIGNER: state_dir}
         for name, named in config.signers.items():
             if name == DEFAULT_SIGNER:
@@ -122,7 +124,9 @@ class CAServer:
                 issuer = Issuer(loaded.material, loaded.signer, issuance,
                                 sign_observer=lambda seconds, name=name: metrics.observe_hsm_sign(name, seconds))
                 # A batch runs where its signer lives (the PKCS#11 thread), so it signs without a hand-off.
-                batcher = Batcher(issuer, loaded.signer.home_executor or executor, max_batch=config.server.batch_max,
+                home = loaded.signer.home_executor
+                batcher = Batcher(issuer, home or executor, concurrency=1 if home else _ISSUE_THREADS,
+                                  max_batch=config.server.batch_max,
                                   max_delay_s=config.server.batch_delay_us / 1e6,
                                   queue_limit=config.server.queue_limit, audit=audit, on_recorded=log_recorded,
                                   observe_batch=lambda size, _seconds: metrics.observe_batch(size))

@@ -9,6 +9,14 @@ that entry is committed: a certificate is never returned unrecorded. Each
 batch costs the event loop one hand-off each way, however many requests it
 carries; the per-certificate work happens off the loop.
 
+At most ``concurrency`` batches are being issued at once (1 for a signer's
+own PKCS#11 thread). While they are, new requests wait here rather than in
+the executor's queue, and the next batch leaves the moment a thread is free
+with everything that arrived meanwhile. Under load batches so grow with the
+load, instead of queueing up behind the thread as many small ones, each
+paying the per-batch costs (measured: batches of 4 waiting 22 ms for the
+PKCS#11 thread, before).
+
 The number of requests waiting or in flight is bounded: past
 ``queue_limit`` a request is refused at once with Overloaded
 (RESOURCE_EXHAUSTED, which agents retry).
@@ -63,15 +71,21 @@ class Batcher:
     returned (None only where nothing is returned to a client, as in tests of
     the issuer). ``on_recorded(records)`` runs after each commit, on the audit
     writer's thread (the per-issuance log lines). ``observe_batch(size,
-    seconds)`` runs on the event loop."""
+    seconds)`` runs on the event loop. ``concurrency``: how many batches may
+    be issued at once, i.e. the threads ``executor`` gives this batcher."""
 
     def __init__(self, issuer: Issuer, executor: Executor, *, max_batch: int, max_delay_s: float,
                  queue_limit: int, audit: AuditSink | None = None,
                  on_recorded: Callable[[list[IssuanceRecord]], None] | None = None,
                  observe_batch: Callable[[int, float], None] | None = None,
+                 concurrency: int = 1,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self._issuer = issuer
         self._executor = executor
+        self._concurrency = concurrency
+        self._issuing = 0            # batches on a thread now (<= concurrency)
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
         self._queue_limit = queue_limit
@@ -127,7 +141,8 @@ class Batcher:
         try:
             if len(self._pending) >= self._max_batch or self._alone(taken):
                 self._flush()
-            elif self._timer is None:
+            elif self._timer is None and self._issuing < self._concurrency:
+                # (With every thread busy, the next free one takes these.)
                 self._timer = loop.call_later(self._max_delay_s, self._flush)
             outcomes = await call.future
         finally:
@@ -153,18 +168,28 @@ class Batcher:
             self._timer.cancel()
             self._timer = None
         loop = asyncio.get_running_loop()
-        while self._pending:
+        while self._pending and self._issuing < self._concurrency:
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
             # A caller that gave up (deadline, cancellation) is not issued a certificate.
             batch = [entry for entry in batch if not entry[2].future.done()]
             if not batch:
                 continue
             self._batches_in_flight += 1
+            self._issuing += 1
             self._recent_batch += 0.2 * (len(batch) - self._recent_batch)
             try:
                 self._executor.submit(self._run_batch, loop, batch, time.perf_counter())
             except (RuntimeError, FastcaError):   # the executor is shut down, or belongs to another process
+                self._issuing -= 1
                 self._resolve(batch, [CANotReady("the server is shutting down")] * len(batch), None)
+        self._note_if_idle()
+
+    def _thread_free(self) -> None:
+        """A batch left its thread (issued and handed to the audit log): the
+        next one goes now, with everything that arrived meanwhile."""
+        self._issuing -= 1
+        if self._pending:
+            self._flush()
 
     def _resolve(self, batch: list[_Entry], outcomes: Sequence[Outcome], started: float | None) -> None:
         for (_, _, call, index), outcome in zip(batch, outcomes):
@@ -175,20 +200,32 @@ class Batcher:
         self._batches_in_flight -= 1
         if started is not None and self._observe_batch is not None:
             self._observe_batch(len(batch), time.perf_counter() - started)
-        if self._batches_in_flight == 0 and self._idle is not None:
+        self._note_if_idle()
+
+    def _note_if_idle(self) -> None:
+        if self._idle is not None and self._batches_in_flight == 0 and not self._pending:
             self._idle.set()
 
     async def drain(self) -> None:
         """Stop taking requests and finish every one already taken."""
         self._closed = True
         self._flush()
-        while self._batches_in_flight:
+        while self._batches_in_flight or self._pending:
             self._idle = asyncio.Event()
             await self._idle.wait()
 
     # -- on a worker thread -----------------------------------------------------
 
     def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Entry], started: float) -> None:
+        try:
+            self._issue_and_record(loop, batch, started)
+        finally:
+            try:
+                loop.call_soon_threadsafe(self._thread_free)
+            except RuntimeError:
+                pass   # the loop is closed: nothing waits for this thread any more
+
+    def _issue_and_record(self, loop: asyncio.AbstractEventLoop, batch: list[_Entry], started: float) -> None:
         def answer(outcomes: Sequence[Outcome]) -> None:
             try:
                 loop.call_soon_threadsafe(self._resolve, batch, outcomes, started)

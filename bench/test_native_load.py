@@ -1,0 +1,85 @@
+"""The native load generator (agentload, Go on grpc-go) against a real
+``fastca serve``: SoftHSM key, TLS, TokenReview through the bench's fake API
+server, the SQLite audit log. Its counts are checked against what the server
+recorded, and its failure counts against a refusal the server really makes.
+The build needs golang-go and golang-google-grpc-dev (dev/test installs them)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cfssl_peer import CfsslTarget
+from fake_apiserver import FakeApiServer
+from fastca_server import FastcaServer
+from loadgen import BulkTarget, IstioTarget, LoadSpec, make_csrs
+from native_load import _config, agentload_binary, run_native_load
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("native-load")
+    with FakeApiServer(workdir) as api, FastcaServer(workdir / "fastca", api.url, api.ca_file) as running:
+        yield running
+
+
+def _issued(server: FastcaServer) -> int:
+    with sqlite3.connect(server.state / "audit.db") as db:
+        return db.execute("SELECT count(*) FROM issuance WHERE credential_type != 'self'").fetchone()[0]
+
+
+def test_drives_the_istio_path_and_every_success_is_a_recorded_certificate(server):
+    csrs = make_csrs(16, "ec-p256", distinct_keys=2)
+    before = _issued(server)
+    spec = LoadSpec(connections=4, warmup_s=0.5, duration_s=2.0, call_timeout_s=10.0)
+    summary = run_native_load(IstioTarget(server.address, server.root_pem), spec, csrs, server_pid=server.pid)
+    assert summary["errors"] == {}
+    assert summary["ok"] > 10
+    # Successes counted in the window are a subset of what the server audited
+    # (warm-up and drain calls are recorded but not counted).
+    assert _issued(server) - before >= summary["ok"]
+    assert summary["generator_cpu_s"] > 0 and summary["server_cpu_s"] > 0
+    assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
+
+
+@dataclass(frozen=True)
+class _StrangerTarget(IstioTarget):
+    @staticmethod
+    def token(process_index: int, connection_index: int) -> str:
+        return f"not-a-service-account-{connection_index}"     # the fake API server rejects it
+
+
+def test_refusals_are_counted_by_their_grpc_status(server):
+    csrs = make_csrs(4, "ec-p256", distinct_keys=1)
+    before = _issued(server)
+    spec = LoadSpec(connections=2, warmup_s=0.2, duration_s=1.0, call_timeout_s=10.0)
+    summary = run_native_load(_StrangerTarget(server.address, server.root_pem), spec, csrs, server_pid=None)
+    assert summary["ok"] == 0
+    assert set(summary["errors"]) == {"UNAUTHENTICATED"} and summary["errors"]["UNAUTHENTICATED"] > 0
+    assert summary["error_latency_ms"]["p50"] > 0
+    assert _issued(server) == before
+
+
+def test_a_server_it_cannot_trust_stops_it_with_the_reason(server, tmp_path):
+    other_root = make_csrs(1)[0]     # not a certificate: agentload must refuse the bundle
+    spec = LoadSpec(connections=1, warmup_s=0.1, duration_s=0.5)
+    with pytest.raises(RuntimeError, match="no certificate in the root bundle"):
+        run_native_load(IstioTarget(server.address, other_root), spec, make_csrs(1), server_pid=None)
+
+
+def test_configuration_for_cfssl_and_what_it_cannot_drive(tmp_path: Path):
+    csrs = make_csrs(3, "ec-p256", distinct_keys=1)
+    spec = LoadSpec(connections=8, warmup_s=1, duration_s=2, rate=100)
+    config = _config(CfsslTarget("127.0.0.1:8888"), spec, csrs, tmp_path)
+    assert config["kind"] == "cfssl" and config["method"] == "/api/v1/cfssl/sign" and config["rate"] == 100
+    records = (tmp_path / "requests.bin").read_bytes()
+    first_length = int.from_bytes(records[:4], "big")
+    assert json.loads(records[4:4 + first_length]) == {"certificate_request": csrs[0].decode()}
+    with pytest.raises(TypeError, match="bulk"):
+        _config(BulkTarget("127.0.0.1:1", b""), spec, csrs, tmp_path)
+    assert agentload_binary().exists()
