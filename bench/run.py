@@ -11,6 +11,11 @@ with TLS, a probe token, and ``cfssl serve`` with an in-memory CA key of the
 same type. Each round runs the fastca load, the cfssl load and the probes
 back to back; the report gives per-round figures, their medians, and the
 medians of the per-round ratios. Loopback only; every phase is bounded.
+
+The load comes from the Python generator (bench/loadgen.py) or, with
+``--generator native``, from bench/agentload (Go, grpc-go), which spends a
+third of the CPU per call: on a 2-core machine that difference is the
+server's (bench/RESULTS.md, third session).
 """
 
 from __future__ import annotations
