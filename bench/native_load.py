@@ -115,29 +115,36 @@ def run_native_load(target: Any, spec: LoadSpec, csrs: list[bytes], *, server_pi
         workdir = Path(tmp)
         config = workdir / "config.json"
         config.write_text(json.dumps(_config(target, spec, csrs, workdir)))
-        with subprocess.Popen([str(binary), str(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) as process:
-            assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        # stderr to a file, not a pipe: grpc-go's error logs under overload
+        # must never fill a pipe nobody reads and stall the generator.
+        errors = workdir / "stderr"
+        with errors.open("wb") as sink, subprocess.Popen([str(binary), str(config)], stdin=subprocess.PIPE,
+                                                          stdout=subprocess.PIPE, stderr=sink) as process:
+            assert process.stdin is not None and process.stdout is not None
             try:
-                _await_ready(process)
+                _await_ready(process, errors)
                 process.stdin.write(b"go\n")
                 process.stdin.flush()
                 start_at = time.monotonic()
                 measured = measure_window(start_at, spec, server_pid, tick)
-                out, err = process.communicate(timeout=spec.call_timeout_s + 60)
+                out, _ = process.communicate(timeout=spec.call_timeout_s + 60)
             except BaseException:
                 process.kill()
                 raise
             if process.returncode != 0:
-                raise RuntimeError(f"agentload exited {process.returncode}: {err.decode(errors='replace')[-2000:]}")
+                raise RuntimeError(f"agentload exited {process.returncode}: {_tail(errors)}")
     return summarise([_report(json.loads(out))], spec, measured)
 
 
-def _await_ready(process: subprocess.Popen[bytes]) -> None:
+def _tail(path: Path) -> str:
+    return path.read_bytes()[-2000:].decode(errors="replace")
+
+
+def _await_ready(process: subprocess.Popen[bytes], errors: Path) -> None:
     """Until agentload says every connection is up (or says why not)."""
     import selectors
 
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         if not selector.select(timeout=_READY_TIMEOUT_S):
@@ -145,4 +152,4 @@ def _await_ready(process: subprocess.Popen[bytes]) -> None:
     line = process.stdout.readline()
     if line.strip() != b"ready":
         process.wait(timeout=10)
-        raise RuntimeError(f"agentload failed to start: {process.stderr.read().decode(errors='replace')[-2000:]}")
+        raise RuntimeError(f"agentload failed to start: {_tail(errors)}")

@@ -65,11 +65,11 @@ def test_refusals_are_counted_by_their_grpc_status(server):
     assert _issued(server) == before
 
 
-def test_a_server_it_cannot_trust_stops_it_with_the_reason(server, tmp_path):
-    other_root = make_csrs(1)[0]     # not a certificate: agentload must refuse the bundle
+def test_a_root_bundle_without_certificates_stops_it_with_the_reason(server):
+    csr = make_csrs(1, "ec-p256", distinct_keys=1)
     spec = LoadSpec(connections=1, warmup_s=0.1, duration_s=0.5)
     with pytest.raises(RuntimeError, match="no certificate in the root bundle"):
-        run_native_load(IstioTarget(server.address, other_root), spec, make_csrs(1), server_pid=None)
+        run_native_load(IstioTarget(server.address, csr[0]), spec, csr, server_pid=None)
 
 
 def test_configuration_for_cfssl_and_what_it_cannot_drive(tmp_path: Path):
