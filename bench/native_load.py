@@ -32,7 +32,7 @@ from typing import Any
 from cfssl_peer import SIGN_PATH, CfsslTarget
 from loadgen import BulkTarget, IstioTarget, LoadSpec, measure_window, summarise
 
-__all__ = ["GeneratorUnavailable", "agentload_binary", "run_native_load"]
+__all__ = ["GeneratorUnavailable", "agentload_binary", "cache_dir", "run_native_load"]
 
 _SOURCE = Path(__file__).resolve().parent / "agentload" / "main.go"
 _GOPATH = Path("/usr/share/gocode")           # where Debian's golang-*-dev packages put their sources
@@ -45,7 +45,8 @@ class GeneratorUnavailable(RuntimeError):
     """The native generator cannot be built here; the message says what to install."""
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where the bench keeps what it builds (agentload, the native echo core)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fastca-bench"
 
@@ -53,7 +54,7 @@ def _cache_dir() -> Path:
 def agentload_binary() -> Path:
     """The built generator, compiled now if this source has not been yet."""
     digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
-    binary = _cache_dir() / f"agentload-{digest}"
+    binary = cache_dir() / f"agentload-{digest}"
     if binary.exists():
         return binary
     go = shutil.which("go")
@@ -63,7 +64,7 @@ def agentload_binary() -> Path:
     partial = binary.with_suffix(".partial")
     # GOPATH mode against Debian's packaged sources: nothing is fetched.
     env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(_GOPATH), "GOFLAGS": "",
-           "GOCACHE": str(_cache_dir() / "go-build")}
+           "GOCACHE": str(cache_dir() / "go-build")}
     result = subprocess.run([go, "build", "-o", str(partial), "."], cwd=_SOURCE.parent, env=env,
                             capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:

@@ -1,0 +1,236 @@
+"""The per-call floor of the front end: what serving one unary gRPC call over
+TLS costs the server before any CA work, for grpc.aio (what fastca serves
+with) and for a minimal native HTTP/2 core (nghttp2 under Cython, TLS from
+uvloop: bench/h2floor/_h2echo.pyx).
+
+    python bench/front_end_floor.py [--rounds 3] [--duration 8] [--json F]
+
+Both servers answer CreateCertificate with the same fixed response (a chain
+of three PEMs) on one process with uvloop; both are driven by the native
+generator (bench/agentload, grpc-go) with the bench's usual load: 64 TLS
+connections, one call in flight each. The report is the server CPU per call,
+the rate and the latencies of each, per round and as medians. This is the
+"first measurement" of a native front end: how much of fastca's per-call
+cost is grpc.aio's own.
+
+Needs libnghttp2-dev (headers) to build the native core, and Go for the
+generator (golang-go, golang-google-grpc-dev).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_h2echo", "main", "EchoServer"]
+
+_HERE = Path(__file__).resolve().parent
+_PYX = _HERE / "h2floor" / "_h2echo.pyx"
+KINDS = ("grpc-aio", "nghttp2")
+
+
+def build_h2echo() -> Path:
+    """The directory holding the built _h2echo module (compiled now if this
+    source has not been yet), keyed by the source's hash."""
+    from native_load import cache_dir
+
+    digest = hashlib.sha256(_PYX.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / f"h2echo-{digest}"
+    if any(target.glob("_h2echo*.so")):
+        return target
+    if not Path("/usr/include/nghttp2/nghttp2.h").exists():
+        raise RuntimeError("building the native echo core needs nghttp2's headers: apt-get install libnghttp2-dev")
+    with tempfile.TemporaryDirectory(prefix="h2echo-build-") as tmp:
+        setup = Path(tmp) / "setup.py"
+        setup.write_text(
+            "from setuptools import setup, Extension\nfrom Cython.Build import cythonize\n"
+            f"setup(ext_modules=cythonize([Extension('_h2echo', [{str(_PYX)!r}], libraries=['nghttp2'])], "
+            f"quiet=True, build_dir={tmp!r}))\n")
+        result = subprocess.run([sys.executable, str(setup), "build_ext", "--build-lib", tmp, "-q"], cwd=tmp,
+                                capture_output=True, text=True, timeout=600, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"building _h2echo failed:\n{result.stderr[-2000:]}")
+        built = next(Path(tmp).glob("_h2echo*.so"))
+        target.mkdir(parents=True, exist_ok=True)
+        partial = target / (built.name + ".partial")
+        partial.write_bytes(built.read_bytes())
+        partial.replace(target / built.name)
+    return target
+
+
+def _tls_material(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def _serve(kind: str, cert_file: str, key_file: str, module_dir: str) -> None:
+    """The child: one echo server of ``kind`` on 127.0.0.1, until killed.
+    Prints ``ready <port>`` once it listens."""
+    import asyncio
+
+    import uvloop
+
+    from fastca.frontend._proto import istio_ca_pb2
+
+    pem = Path(cert_file).read_text()
+    response = istio_ca_pb2.IstioCertificateResponse(cert_chain=[pem, pem, pem])
+    encoded = response.SerializeToString()
+
+    async def grpc_aio() -> None:
+        import grpc
+
+        from fastca.frontend._proto import istio_ca_pb2_grpc
+
+        class Echo(istio_ca_pb2_grpc.IstioCertificateServiceServicer):
+            async def CreateCertificate(self, request, context):  # noqa: N802 - gRPC name
+                return response
+
+        server = grpc.aio.server()
+        istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(Echo(), server)
+        credentials = grpc.ssl_server_credentials([(Path(key_file).read_bytes(), pem.encode())])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        print(f"ready {port}", flush=True)
+        await server.wait_for_termination()
+
+    async def nghttp2() -> None:
+        import ssl
+
+        sys.path.insert(0, module_dir)
+        from _h2echo import H2Connection
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_file, key_file)
+        context.set_alpn_protocols(["h2"])
+
+        def answer(path: bytes, authorization: bytes, body: bytes) -> bytes:
+            # The same work grpc.aio's handler gets done for it: decode the request.
+            istio_ca_pb2.IstioCertificateRequest.FromString(body)
+            return encoded
+
+        server = await asyncio.get_running_loop().create_server(lambda: H2Connection(answer), "127.0.0.1", 0,
+                                                                 ssl=context)
+        print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(grpc_aio() if kind == "grpc-aio" else nghttp2())
+
+
+class EchoServer:
+    """``with EchoServer(kind, workdir) as server:`` then ``server.pid``,
+    ``server.address``, ``server.root_pem``."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: one of {', '.join(KINDS)}")
+        self.kind = kind
+        self._cert, self._key = _tls_material(workdir)
+        self._module_dir = build_h2echo() if kind == "nghttp2" else workdir
+        self.root_pem = self._cert.read_bytes()
+        self._process: subprocess.Popen[str] | None = None
+        self.address = ""
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def __enter__(self) -> EchoServer:
+        self._process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve", self.kind, str(self._cert), str(self._key),
+             str(self._module_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.startswith("ready "):
+            self.__exit__()
+            raise RuntimeError(f"{self.kind} echo server did not start: {self._process.stderr.read()[-2000:]}")
+        self.address = f"127.0.0.1:{int(line.split()[1])}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+
+
+def measure(rounds: int, duration_s: float, connections: int) -> dict[str, Any]:
+    from loadgen import IstioTarget, LoadSpec, make_csrs
+    from native_load import run_native_load
+
+    csrs = make_csrs(256, "ec-p256", distinct_keys=4)
+    spec = LoadSpec(connections=connections, warmup_s=2.0, duration_s=duration_s)
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    with tempfile.TemporaryDirectory(prefix="front-end-floor-") as tmp:
+        for _ in range(rounds):
+            for kind in KINDS:                       # interleaved, so drift hits both alike
+                with EchoServer(kind, Path(tmp)) as server:
+                    load = run_native_load(IstioTarget(server.address, server.root_pem), spec, csrs,
+                                           server_pid=server.pid)
+                results[kind].append({key: load[key] for key in (
+                    "calls_per_s", "errors", "latency_ms", "server_cpu_us_per_cert", "generator_cpu_us_per_call",
+                    "generator_cpu_share", "machine_busy_share")})
+    medians = {kind: {"calls_per_s": statistics.median(r["calls_per_s"] for r in runs),
+                      "server_cpu_us_per_call": statistics.median(r["server_cpu_us_per_cert"] for r in runs),
+                      "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in runs),
+                      "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in runs)}
+               for kind, runs in results.items()}
+    return {"rounds": results, "median": medians,
+            "cpu_ratio_grpc_aio_over_nghttp2": (medians["grpc-aio"]["server_cpu_us_per_call"]
+                                                / medians["nghttp2"]["server_cpu_us_per_call"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--serve":
+        _serve(*argv[1:5])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per server per round [8]")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    report = {"meta": {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                       "command": shlex.join([sys.argv[0], *argv]), "cpus": os.cpu_count()},
+              **measure(args.rounds, args.duration, args.connections)}
+    report["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    for kind, median in report["median"].items():
+        print(f"{kind:9} {median['calls_per_s']:8,.0f} calls/s  {median['server_cpu_us_per_call']:6.0f} µs "
+              f"server CPU/call  p50 {median['p50_ms']:.1f} ms  p99 {median['p99_ms']:.1f} ms")
+    print(f"grpc.aio / nghttp2 server CPU per call: {report['cpu_ratio_grpc_aio_over_nghttp2']:.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
