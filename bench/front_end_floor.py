@@ -31,9 +31,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-__all__ = ["build_h2echo", "main", "EchoServer"]
+__all__ = ["EchoServer", "build_h2echo", "main"]
 
 _HERE = Path(__file__).resolve().parent
 _PYX = _HERE / "h2floor" / "_h2echo.pyx"
@@ -163,7 +163,7 @@ class EchoServer:
         assert self._process is not None
         return self._process.pid
 
-    def __enter__(self) -> EchoServer:
+    def __enter__(self) -> Self:
         self._process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve", self.kind, str(self._cert), str(self._key),
              str(self._module_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
