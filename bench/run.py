@@ -13,8 +13,8 @@ back to back; the report gives per-round figures, their medians, and the
 medians of the per-round ratios. Loopback only; every phase is bounded.
 
 The load comes from the Python generator (bench/loadgen.py) or, with
-``--generator native``, from bench/agentload (Go, grpc-go), which spends a
-third of the CPU per call: on a 2-core machine that difference is the
+``--generator native``, from bench/agentload (Go, grpc-go), which spends
+under half the CPU per call: on a 2-core machine that difference is the
 server's (bench/RESULTS.md, third session).
 """
 
