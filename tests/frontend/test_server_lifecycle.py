@@ -88,6 +88,9 @@ def test_sigterm_finishes_in_flight_calls_and_exits_cleanly(tmp_path, apiserver)
     assert codes <= {"OK", "UNAVAILABLE", "CANCELLED"}, codes
     events = [e.get("event") for e in server.log_events()]
     assert events.index("shutting down") < events.index("stopped")
+    # Once up, the process took its startup objects out of the cyclic collector's walks.
+    frozen = [e for e in server.log_events() if e.get("event") == "startup heap frozen"]
+    assert len(frozen) == 1 and frozen[0]["objects"] > 10_000
     reader = AuditReader(server.state / "audit.db")
     try:
         assert all(reader.get(f"{serial:x}") is not None for code, serial in results if code == "OK")

@@ -54,6 +54,8 @@ def test_two_workers_share_the_port_and_restart(workers):
     serving = [e for e in server.log_events() if e.get("event") == "serving" and "workers" in e][0]
     pids = serving["pids"]
     assert len(set(pids)) == 2 and len(serving["ports"]["metrics"]) == 2
+    frozen = [e["objects"] for e in server.log_events() if e.get("event") == "startup heap frozen"]
+    assert len(frozen) == 2 and min(frozen) > 10_000      # each worker, once it is up
     # Each worker issued its own serving certificate; new connections reach both.
     serials = {_serving_serial(port, server.root_pem) for _ in range(40)}
     assert len(serials) == 2

@@ -14,6 +14,7 @@ signers close.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from fastca.pipeline.batcher import Batcher
 from fastca.pipeline.issuer import IssueRequest, Issuer
 from fastca.policy.request import RequestPolicy
 
-__all__ = ["CAServer", "ServedSigner", "DEFAULT_SIGNER", "serve"]
+__all__ = ["CAServer", "ServedSigner", "DEFAULT_SIGNER", "freeze_startup_heap", "serve"]
 
 DEFAULT_SIGNER = "default"
 _HEALTH_PROBE_INTERVAL_S = 10.0
@@ -286,6 +287,7 @@ class CAServer:
         except BaseException:
             await self.stop(grace=0)
             raise
+        log.info("startup heap frozen", objects=freeze_startup_heap())
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -293,6 +295,19 @@ class CAServer:
         await stop.wait()
         log.info("shutting down", reason="signal")
         await self.stop()
+
+def freeze_startup_heap() -> int:
+    """Take what is alive once a server process is up (modules, configuration,
+    CA material, grpc's objects: ~80k tracked objects) out of the cyclic
+    collector's reach, for good; return how many. A full collection holds the
+    GIL, so every thread of the worker waits it out: under load they took
+    46-63 ms each, every few seconds, and 2-7 ms once only what requests
+    allocate is walked. For the process's entry points, not for a library
+    caller: anything frozen that later becomes cyclic garbage is never freed."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
 
 def serve(state_dir: Path, config: CAConfig) -> None:
     import uvloop

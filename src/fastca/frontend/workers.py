@@ -52,7 +52,7 @@ def _worker_main(state_dir: str, config_data: dict[str, Any], index: int, ready:
 
     import uvloop
 
-    from fastca.frontend.server import CAServer
+    from fastca.frontend.server import CAServer, freeze_startup_heap
 
     configure_logging()
     config = CAConfig.from_mapping(config_data, source="worker configuration")
@@ -68,6 +68,7 @@ def _worker_main(state_dir: str, config_data: dict[str, Any], index: int, ready:
         except BaseException:
             await server.stop(grace=0)
             raise
+        log.info("startup heap frozen", objects=freeze_startup_heap())
         ready.put((index, os.getpid(), server.ports))
         await stop.wait()
         await server.stop()
