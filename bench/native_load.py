@@ -25,6 +25,7 @@ import struct
 import subprocess
 import tempfile
 import time
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,6 @@ def _config(target: Any, spec: LoadSpec, csrs: list[bytes], workdir: Path) -> di
 
 def _report(raw: dict[str, Any]) -> dict[str, Any]:
     """agentload's JSON as a loadgen worker report (what merge_load reads)."""
-    from array import array
-
     return {"latencies": array("d", raw["latencies_s"] or ()).tobytes(),
             "error_latencies": array("d", raw["error_latencies_s"] or ()).tobytes(),
             "errors": raw["errors"], "cpu_s": raw["cpu_s"]}

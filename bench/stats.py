@@ -1,13 +1,13 @@
 """Pure arithmetic of the benchmark: merging the load workers' results,
 percentiles, medians over rounds, ratios and the CI regression check.
 
-No I/O, no processes: everything here is unit-tested by test_bench_tools.py.
+No processes, and no I/O but write_report's one file: everything here is
+unit-tested by test_bench_tools.py.
 """
 
 from __future__ import annotations
 
 import json
-
 import math
 import statistics
 from array import array
@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compute_ratios", "median_of_rounds", "merge_load", "percentile", "ratio", "regressions"]
+__all__ = ["compute_ratios", "median_of_rounds", "merge_load", "percentile", "ratio", "regressions",
+           "write_report"]
 
 
 def percentile(ordered: list[float], q: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from urllib.parse import unquote
 
@@ -17,25 +18,11 @@ __all__ = ["request_info", "peer_ip"]
 _MAX_HEADER_BYTES = 16 * 1024
 
 
-_PEER_IPS: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None] = {}
-
-
+# An agent keeps its connection, so the same peer string comes back call
+# after call; ipaddress parsing is slow enough to be worth remembering.
+@functools.lru_cache(maxsize=8192)
 def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """'ipv4:127.0.0.1:5000' / 'ipv6:[::1]:5000' -> address; other transports -> None."""
-    # An agent keeps its connection, so the same peer string comes back call
-    # after call; ipaddress parsing is slow enough to be worth remembering.
-    try:
-        return _PEER_IPS[peer]
-    except KeyError:
-        pass
-    address = _parse_peer_ip(peer)
-    if len(_PEER_IPS) >= 8192:
-        _PEER_IPS.clear()
-    _PEER_IPS[peer] = address
-    return address
-
-
-def _parse_peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         host = rest.rsplit(":", 1)[0]
