@@ -39,6 +39,16 @@ class SignerConfig(_Section):
     key_file: str | None = None         # software backend: PEM private key, relative to the state dir
     key_type: str | None = None         # informational: what `fastca init` generated
 
+    @field_validator("key_uri")
+    @classmethod
+    def _no_pin_in_configuration(cls, value: str | None) -> str | None:
+        # The value is not echoed: it holds the PIN.
+        if value is not None and "pin-value=" in value.partition("?")[2]:
+            raise ValueError("the key URI carries pin-value=; a PIN is never kept in the configuration: "
+                             "put it in a file only you can read (chmod 600) and reference it with "
+                             "pin-source=file:/path/to/pin")
+        return value
+
 
 class IssuanceConfig(_Section):
     default_ttl_seconds: int = Field(86400, gt=0)
@@ -65,6 +75,10 @@ class ServerConfig(_Section):
     plaintext: bool = False             # Istio's :15010 case; no TLS at all
     metrics_listen: str | None = "127.0.0.1:15014"
     serving_dns_names: list[str] = ["localhost", "istiod.istio-system.svc"]
+    # IP SANs of the serving certificate beyond the IP addresses the server
+    # listens on (which it always carries): for agents that dial an address
+    # of a wildcard listener (0.0.0.0, ::), which names no address itself.
+    serving_ip_addresses: list[str] = []
     serving_cert_ttl_seconds: int = Field(86400, gt=60)
     max_receive_message_bytes: int = Field(256 * 1024, gt=1024)
     batch_max: int = Field(64, ge=1, le=4096)
@@ -80,6 +94,43 @@ class ServerConfig(_Section):
     # and keeps memory flat (bench/RESULTS.md, "Overload").
     max_concurrent_rpcs: int = Field(256, ge=1)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
+    workers: int = Field(0, ge=0, le=64)   # server processes sharing the port; 0: one per CPU
+
+    def worker_count(self) -> int:
+        """``workers``, or the CPUs this process may run on."""
+        if self.workers:
+            return self.workers
+        try:
+            return max(1, min(64, len(os.sched_getaffinity(0))))
+        except AttributeError:      # not Linux
+            return max(1, min(64, os.cpu_count() or 1))
+
+
+    @field_validator("serving_ip_addresses")
+    @classmethod
+    def _ip_literals(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_address(value)
+        return values
+
+    def listen_ip_addresses(self) -> list[str]:
+        """The IP literals of the listen addresses, wildcards excepted, then
+        serving_ip_addresses: the serving certificate's IP SANs."""
+        out: list[str] = []
+        for address in (self.listen, self.mtls_listen):
+            if not address:
+                continue
+            host = address.rpartition(":")[0].strip("[]")
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                continue            # a host name: covered by serving_dns_names
+            if not ip.is_unspecified and str(ip) not in out:
+                out.append(str(ip))
+        for value in self.serving_ip_addresses:
+            if str(ipaddress.ip_address(value)) not in out:
+                out.append(str(ipaddress.ip_address(value)))
+        return out
 
 
 class RateLimitConfig(_Section):

@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests._tools import tool
 from tests.agent.conftest import WORKLOAD_ID, make_real_ca
 from tests.agent.sds_client import DeltaStream, SotwStream
 
@@ -90,7 +91,7 @@ def _public(key) -> bytes:
 def _verify(tmp: Path, root: bytes, chain: bytes) -> None:
     (tmp / "root.pem").write_bytes(root)
     (tmp / "chain.pem").write_bytes(chain)
-    proc = subprocess.run(["openssl", "verify", "-CAfile", str(tmp / "root.pem"), str(tmp / "chain.pem")],
+    proc = subprocess.run([tool("openssl"), "verify", "-CAfile", str(tmp / "root.pem"), str(tmp / "chain.pem")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -272,3 +273,75 @@ def test_file_mounted_mode(ca, tmp_path):
         stream.close()
     finally:
         assert agent.stop() == 0
+
+
+def _ip_sans(leaf: x509.Certificate) -> list[str]:
+    return [str(ip) for ip in leaf.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)]
+
+
+def test_agent_dialling_the_listen_ip_address_gets_certificates(ca, tmp_path):
+    """The serving certificate carries the IP the server listens on, so an
+    agent given --ca-addr 127.0.0.1:PORT verifies it as it would a name."""
+    served = x509.load_der_x509_certificate(_served_certificate(ca.port, ca.root_pem, "127.0.0.1"))
+    assert _ip_sans(served) == ["127.0.0.1"]
+    agent = AgentProcess(tmp_path, "--ca-addr", f"127.0.0.1:{ca.port}", "--ca-root", str(ca.state / "root-cert.pem"),
+                         "--trust-domain", "cluster.local", "--namespace", "payments", "--service-account", "api",
+                         "--token-file", str(ca.token_file))
+    try:
+        leaf, chain, _ = _pair(SotwStream(str(agent.socket), ["default"]).receive().secrets["default"])
+        _verify(tmp_path, ca.root_pem, chain)
+    finally:
+        agent.stop()
+
+
+def _served_certificate(port: int, root: bytes, server_name: str) -> bytes:
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cadata=root.decode())
+    context.check_hostname = False
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def test_ca_server_name_overrides_the_name_checked(tmp_path, apiserver):
+    """A server on a wildcard address whose certificate names only
+    ca.mesh.internal: reached at 127.0.0.1 with --ca-server-name (flag, then
+    FASTCA_AGENT_CA_SERVER_NAME), refused without."""
+    from tests.agent.conftest import free_port, make_real_ca
+    from tests.frontend.conftest import start_server, write_config
+
+    real = make_real_ca(tmp_path / "ca", apiserver)
+    write_config(real.state, {"server": {"serving_dns_names": ["ca.mesh.internal"]}})
+    port = free_port()
+    server = start_server(real.state, "--listen", f"0.0.0.0:{port}")
+    try:
+        served = x509.load_der_x509_certificate(_served_certificate(port, real.root_pem, "ca.mesh.internal"))
+        sans = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == ["ca.mesh.internal"] and _ip_sans(served) == []
+        base = ("--ca-addr", f"127.0.0.1:{port}", "--ca-root", str(real.state / "root-cert.pem"),
+                "--trust-domain", "cluster.local", "--namespace", "payments", "--service-account", "api",
+                "--token-file", str(real.token_file))
+        for extra, env in ((("--ca-server-name", "ca.mesh.internal"), None),
+                           ((), {"FASTCA_AGENT_CA_SERVER_NAME": "ca.mesh.internal"})):
+            (tmp_path / f"agent-{len(extra)}").mkdir()
+            agent = AgentProcess(tmp_path / f"agent-{len(extra)}", *base, *extra, env=env)
+            try:
+                _, chain, _ = _pair(SotwStream(str(agent.socket), ["default"]).receive().secrets["default"])
+                _verify(tmp_path, real.root_pem, chain)
+            finally:
+                agent.stop()
+        (tmp_path / "agent-none").mkdir()
+        refused = AgentProcess(tmp_path / "agent-none", *base)
+        try:
+            stream = SotwStream(str(refused.socket), ["default"])
+            failure = refused._wait_for("fetch failed", timeout=60)
+            assert "hostname" in failure["error"].lower() or "verify" in failure["error"].lower(), failure
+            assert stream.nothing_within(0.2)
+        finally:
+            refused.stop()
+    finally:
+        server.stop()

@@ -5,7 +5,9 @@ from pathlib import Path
 import json
 import shutil
 import stat
+import os
 import subprocess
+import sys
 
 import pytest
 from cryptography import x509
@@ -16,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from fastca.ca.init import InitOptions, init_ca
 from fastca.ca.material import load_ca
 from fastca.errors import ConfigurationError
+from tests._tools import tool
 from tests.conftest import AGENT_CSRS, VECTORS, run_fastca
 
 PLUGGED = VECTORS / "istio" / "plugged-ca"
@@ -95,7 +98,7 @@ def test_import_istio_cacerts_then_issue_verifies_to_root(tmp_path):
     leaf_file.write_text(chain[0])
     untrusted = tmp_path / "untrusted.pem"
     untrusted.write_text("".join(chain[1:-1]))
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(PLUGGED / "root-cert.pem"),
+    verify = subprocess.run([tool("openssl"), "verify", "-CAfile", str(PLUGGED / "root-cert.pem"),
                              "-untrusted", str(untrusted), str(leaf_file)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     leaf = x509.load_pem_x509_certificate(chain[0].encode())
@@ -152,7 +155,7 @@ def test_csr_out_then_install_cert(tmp_path):
     assert len(chain) == 3  # leaf, our intermediate, the upstream root
     (tmp_path / "leaf.pem").write_text(chain[0])
     (tmp_path / "mid.pem").write_text(chain[1])
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "root.pem"), "-untrusted",
+    verify = subprocess.run([tool("openssl"), "verify", "-CAfile", str(tmp_path / "root.pem"), "-untrusted",
                              str(tmp_path / "mid.pem"), str(tmp_path / "leaf.pem")], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
@@ -239,3 +242,91 @@ def test_stray_ca_files_without_config_need_force(tmp_path):
     assert (state / "root-cert.pem").read_text() == "left over\n"
     run_fastca("init", "--state", str(state), "--force")
     assert (state / "fastca.toml").exists()
+
+
+def _external_token(tmp_path: Path, label: str) -> tuple[dict[str, str], str]:
+    """A token in a SoftHSM installation of its own; (environment, its user PIN)."""
+    from fastca.ca import softhsm
+
+    conf = softhsm.write_softhsm_conf(tmp_path / "hsm")
+    pin = softhsm.new_pin()
+    softhsm.init_token(conf, label, softhsm.new_pin(), pin)
+    return {"SOFTHSM2_CONF": str(conf)}, pin
+
+
+def test_pin_value_in_key_uri_moves_into_a_private_pin_file(tmp_path):
+    """A PIN given inline works for every later start, and is kept only in a
+    0600 file that pin-source names: never in fastca.toml, output or logs."""
+    from fastca.ca.softhsm import find_softhsm_module
+
+    env, pin = _external_token(tmp_path, "inline-pin")
+    state = tmp_path / "state"
+    key_uri = (f"pkcs11:token=inline-pin;object=fastca-ca;type=private?module-path={find_softhsm_module()}"
+               f"&pin-value={pin}")
+    init = run_fastca("init", "--state", str(state), "--key-uri", key_uri, env=env)
+    config = (state / "fastca.toml").read_text()
+    assert pin not in config and "pin-value" not in config
+    assert f"pin-source=file:{(state / 'pin').resolve()}" in config
+    assert stat.S_IMODE((state / "pin").stat().st_mode) == 0o600
+    assert (state / "pin").read_text().strip() == pin
+    issued = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0001.csr.pem"),
+                        "--identity", "spiffe://cluster.local/ns/x/sa/y", env=env)
+    assert len(x509.load_pem_x509_certificates(issued.stdout.encode())) == 2
+    from tests.frontend.conftest import start_server
+
+    server = start_server(state, env=env)
+    try:
+        assert server.ports["grpc"] > 0
+    finally:
+        assert server.stop() == 0
+    for text in (init.stdout, init.stderr, issued.stderr, server.log_file.read_text()):
+        assert pin not in text
+
+
+def test_a_pin_in_the_configuration_is_refused_without_echoing_it(tmp_path):
+    state = tmp_path / "state"
+    run_fastca("init", "--state", str(state))
+    config = (state / "fastca.toml").read_text()
+    secret = "pin-9f3a7c"
+    (state / "fastca.toml").write_text(config.replace("&pin-source=", f"&pin-value={secret}&pin-source="))
+    proc = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0001.csr.pem"),
+                      "--identity", "spiffe://cluster.local/ns/x/sa/y", check=False)
+    assert proc.returncode == 2 and "pin-value" in proc.stderr and "chmod 600" in proc.stderr
+    assert secret not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o666])
+def test_pin_file_readable_by_others_is_refused_everywhere(tmp_path, mode):
+    """init, issue and serve alike name the file and the fix."""
+    from fastca.ca.softhsm import find_softhsm_module
+
+    env, pin = _external_token(tmp_path, f"perm-{mode:o}")
+    pin_file = tmp_path / "hsm.pin"
+    pin_file.write_text(pin + "\n")
+    pin_file.chmod(mode)
+    key_uri = (f"pkcs11:token=perm-{mode:o};object=fastca-ca;type=private?module-path={find_softhsm_module()}"
+               f"&pin-source=file:{pin_file}")
+    state = tmp_path / "state"
+    refused = run_fastca("init", "--state", str(state), "--key-uri", key_uri, env=env, check=False)
+    assert refused.returncode == 2
+    assert str(pin_file) in refused.stderr and "chmod 600" in refused.stderr and pin not in refused.stderr
+    pin_file.chmod(0o600)
+    run_fastca("init", "--state", str(state), "--key-uri", key_uri, env=env)
+    pin_file.chmod(mode)
+    issue = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0001.csr.pem"),
+                       "--identity", "spiffe://cluster.local/ns/x/sa/y", env=env, check=False)
+    assert issue.returncode == 2 and str(pin_file) in issue.stderr and "chmod 600" in issue.stderr
+    serve = subprocess.run([sys.executable, "-m", "fastca", "serve", "--state", str(state), "--workers", "1",
+                            "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert serve.returncode != 0 and str(pin_file) in serve.stdout + serve.stderr
+    assert "chmod 600" in serve.stdout + serve.stderr
+
+
+def test_embedded_pin_file_loosened_by_hand_is_refused(tmp_path):
+    state = tmp_path / "state"
+    run_fastca("init", "--state", str(state))
+    (state / "pin").chmod(0o644)
+    proc = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0001.csr.pem"),
+                      "--identity", "spiffe://cluster.local/ns/x/sa/y", check=False)
+    assert proc.returncode == 2 and str((state / "pin").resolve()) in proc.stderr and "chmod 600" in proc.stderr

@@ -68,3 +68,31 @@ def test_inspect_rejects_non_certificates(tmp_path):
     junk.write_bytes(b"\x30\x03\x02\x01")
     proc = run_fastca("inspect", str(junk), check=False)
     assert proc.returncode == 2 and "not a certificate or CSR" in proc.stderr
+
+
+def test_issue_is_audited_with_the_cli_and_the_local_user(state):
+    import os
+    import pwd
+
+    identity = "spiffe://example.org/ns/ops/sa/typed-by-hand"
+    issued = json.loads(run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0003.csr.pem"),
+                                   "--identity", identity, "--json").stdout)
+    record = json.loads(run_fastca("audit", "show", issued["serial"], "--state", str(state), "--json").stdout)
+    assert record["serial"] == issued["serial"] and record["identity"] == identity
+    assert record["credential_type"] == "cli"
+    assert record["caller_identities"] == [f"unix:{pwd.getpwuid(os.geteuid()).pw_name}(uid={os.geteuid()})"]
+    assert record["fingerprint_sha256"] == issued["sha256"]
+
+
+def test_issue_refuses_to_sign_when_the_audit_log_cannot_be_written(state, tmp_path):
+    import os
+
+    before = run_fastca("audit", "list", "--state", str(state), "--json").stdout
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    proc = run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0003.csr.pem"),
+                      "--identity", "spiffe://example.org/ns/ops/sa/x", check=False,
+                      env={"FASTCA_AUDIT__PATH": str(blocked / "audit.db")})
+    assert proc.returncode == 2 and "audit log" in proc.stderr and "BEGIN CERTIFICATE" not in proc.stdout
+    assert run_fastca("audit", "list", "--state", str(state), "--json").stdout == before
+    assert os.path.getsize(blocked) == 0

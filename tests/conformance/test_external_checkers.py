@@ -19,6 +19,7 @@ from fastca.ca.material import validate_material
 from fastca.config import IssuanceConfig
 from fastca.pipeline.issuer import IssueRequest, Issuer
 from fastca.signing.software import SoftwareSigner
+from tests._tools import tool as tool_path
 from tests.conftest import VECTORS, agent_csrs, token_ca
 from tests.conformance.profile import check_workload_certificate
 
@@ -31,8 +32,9 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def _pkilint_findings(tool: str, *files: Path) -> list[dict]:
-    proc = _run([tool, "lint", "-s", "ERROR", "-f", "JSON", *map(str, files)] if tool == "lint_pkix_cert"
-                else [tool, "lint", *map(str, files)])
+    command = tool_path(tool)
+    proc = _run([command, "lint", "-s", "ERROR", "-f", "JSON", *map(str, files)] if tool == "lint_pkix_cert"
+                else [command, "lint", *map(str, files)])
     if tool != "lint_pkix_cert":
         return [] if proc.returncode == 0 else [{"output": proc.stdout + proc.stderr}]
     findings = []
@@ -83,11 +85,11 @@ def test_issued_certificates_pass_every_checker(ca, kind, tmp_path):
         whole = tmp_path / f"{agent.name}-chain.pem"
         whole.write_text("".join(issued.chain[:-1]))
 
-        openssl = _run(["openssl", "verify", *strict, "-purpose", "sslclient", "-CAfile", str(root_pem),
+        openssl = _run([tool_path("openssl"), "verify", *strict, "-purpose", "sslclient", "-CAfile", str(root_pem),
                         "-untrusted", str(middle), str(leaf)])
         assert openssl.returncode == 0 and ": OK" in openssl.stdout, openssl.stdout + openssl.stderr
 
-        gnutls = _run(["certtool", "--verify", "--load-ca-certificate", str(root_pem), "--infile", str(whole)])
+        gnutls = _run([tool_path("certtool"), "--verify", "--load-ca-certificate", str(root_pem), "--infile", str(whole)])
         assert gnutls.returncode == 0 and "Chain verification output: Verified" in gnutls.stdout, \
             gnutls.stdout + gnutls.stderr
 

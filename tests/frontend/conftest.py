@@ -86,7 +86,12 @@ class ServerProcess:
         return self.process.wait(timeout=timeout)
 
 
-def start_server(state: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> ServerProcess:
+def start_server(state: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+                 workers: int | None = 1) -> ServerProcess:
+    """``workers``: passed as --workers unless ``extra`` names it (one process
+    keeps the suite fast); None leaves the default (one per CPU)."""
+    if workers is not None and "--workers" not in extra:
+        extra = ("--workers", str(workers), *extra)
     log_file = state / f"server-{time.monotonic_ns()}.log"
     full_env = dict(os.environ)
     full_env.pop("SOFTHSM2_CONF", None)

@@ -76,11 +76,41 @@ def test_two_workers_share_the_port_and_restart(workers):
     assert not _alive(restarted) and not _alive(pids[1])
 
 
-def test_workers_need_a_fixed_port(tmp_path):
-    import subprocess
-    import sys
+def _supervisor_serving(server) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        found = [e for e in server.log_events() if e.get("event") == "serving" and "workers" in e]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, server.log_file.read_text()
+        time.sleep(0.1)
 
+
+def test_default_is_one_worker_per_cpu(tmp_path, apiserver):
     state = init_state(tmp_path / "state")
-    proc = subprocess.run([sys.executable, "-m", "fastca", "serve", "--state", str(state), "--workers", "2",
-                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "fixed --listen port" in proc.stderr
+    write_config(state, {"authn": {"tokenreview": [tokenreview_config(apiserver, tmp_path / "api-token")]}})
+    server = start_server(state, workers=None)
+    try:
+        serving = _supervisor_serving(server)
+        cpus = len(os.sched_getaffinity(0))
+        assert serving["workers"] == cpus and len(set(serving["pids"])) == cpus
+        client = AgentClient(f"localhost:{serving['ports']['grpc']}", server.root_pem,
+                             token=service_account_token("w", "a"))
+        assert len(client.create_certificate(agent_csrs()[1].pem)) == 2
+    finally:
+        assert server.stop() == 0
+
+
+def test_workers_share_a_port_chosen_for_them(tmp_path, apiserver):
+    """--listen HOST:0 with several workers: the supervisor picks the port once."""
+    state = init_state(tmp_path / "state")
+    write_config(state, {"authn": {"tokenreview": [tokenreview_config(apiserver, tmp_path / "api-token")]}})
+    server = start_server(state, "--workers", "2")
+    try:
+        serving = _supervisor_serving(server)
+        port = serving["ports"]["grpc"]
+        assert port > 0 and len(set(serving["pids"])) == 2
+        assert {w["grpc"] for w in serving["worker_ports"].values()} == {port}
+        assert len({_serving_serial(port, server.root_pem) for _ in range(40)}) == 2
+    finally:
+        assert server.stop() == 0

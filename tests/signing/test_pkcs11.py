@@ -153,6 +153,7 @@ def test_wrong_pin_is_one_clear_error_without_the_pin(tmp_path):
     conf = softhsm.write_softhsm_conf(tmp_path)
     softhsm.init_token(conf, "pin-test", "so-pin-1234", "right-pin-5678")
     (tmp_path / "badpin").write_text("wrong-pin-0000\n")
+    (tmp_path / "badpin").chmod(0o600)
     script = textwrap.dedent(f"""
         from fastca.signing.pkcs11 import Pkcs11Signer
         from fastca.errors import ConfigurationError

@@ -32,8 +32,20 @@ def test_pin_value_never_printed():
 
 def test_pin_from_file(tmp_path):
     (tmp_path / "pin").write_text("1234\n")
+    (tmp_path / "pin").chmod(0o600)
     assert Pkcs11Uri.parse(f"pkcs11:token=t?pin-source=file:{tmp_path / 'pin'}").read_pin() == "1234"
     assert Pkcs11Uri.parse(f"pkcs11:token=t?pin-source={tmp_path / 'pin'}").read_pin() == "1234"
+
+
+@pytest.mark.parametrize("mode", [0o604, 0o640, 0o620, 0o666])
+def test_pin_file_others_may_access_is_refused_with_the_fix(tmp_path, mode):
+    pin = tmp_path / "pin"
+    pin.write_text("s3cr3t-PIN\n")
+    pin.chmod(mode)
+    with pytest.raises(ConfigurationError) as refused:
+        Pkcs11Uri.parse(f"pkcs11:token=t?pin-source=file:{pin}").read_pin()
+    assert str(pin) in str(refused.value) and f"chmod 600 {pin}" in str(refused.value)
+    assert "s3cr3t-PIN" not in str(refused.value)
 
 
 def test_missing_pin_file_error_names_path_not_contents(tmp_path):

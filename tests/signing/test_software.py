@@ -37,3 +37,18 @@ def test_repr_shows_no_key_material():
     text = repr(SoftwareSigner(key))
     assert str(key.private_numbers().private_value) not in text
     assert "SoftwareSigner" in text
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "ca-key.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o644)
+    with pytest.raises(ConfigurationError, match=r"mode 0644.*chmod 600"):
+        SoftwareSigner.from_pem_file(str(path))
+    path.chmod(0o600)
+    assert SoftwareSigner.from_pem_file(str(path)).public_key.public_numbers() == key.public_key().public_numbers()

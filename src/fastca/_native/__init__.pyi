@@ -89,6 +89,7 @@ class LeafSpec:
         not_before: int,                 # unix seconds
         not_after: int,                  # unix seconds, > not_before
         dns_names: Sequence[str] = (),   # extra DNS SANs, only where policy allows
+        ip_addresses: Sequence[bytes] = (),  # IP SANs, 4 or 16 octets (the server's own certificate)
     ) -> None: ...
 
 class PreparedLeaf:

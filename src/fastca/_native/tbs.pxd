@@ -35,6 +35,8 @@ ctypedef struct LeafJob:
     int64_t not_after
     ByteSpan* dns_names
     size_t dns_name_count
+    ByteSpan* ip_addresses         # 4 or 16 octets each, in network order
+    size_t ip_address_count
     CsrParsed csr
     unsigned char* csr_owned
     DerBuf tbs
@@ -78,6 +80,7 @@ cdef class LeafSpec:
     cdef readonly object not_before
     cdef readonly object not_after
     cdef readonly tuple dns_names
+    cdef readonly tuple ip_addresses
 
 cdef class PreparedLeaf:
     cdef readonly bytes tbs

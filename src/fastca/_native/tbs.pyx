@@ -8,7 +8,7 @@ section, and build Python results afterwards.
 
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from .asn1 cimport DER_OK, DerCursor, DerTlv, der_cursor, der_next
 from .csr cimport (
@@ -24,7 +24,7 @@ from .openssl cimport (
     EC_KEY_free, ECDSA_verify, EVP_PKEY, EVP_PKEY_EC, EVP_PKEY_RSA, EVP_PKEY_free, EVP_PKEY_get1_EC_KEY,
     EVP_PKEY_get1_RSA, EVP_PKEY_get_base_id, ERR_clear_error, RSA_free, RSA_verify, d2i_PUBKEY,
 )
-from .san cimport check_dns_name, check_spiffe_id
+from .san cimport check_dns_name, check_ip, check_spiffe_id
 
 from .asn1 import walk_der
 from .der import DerWriter
@@ -202,7 +202,7 @@ cdef class LeafSpec:
     """One leaf to build. Fields are validated by prepare_batch."""
 
     def __init__(self, bytes csr not None, str spiffe_id not None, bytes serial not None,
-                 not_before, not_after, dns_names=()):
+                 not_before, not_after, dns_names=(), ip_addresses=()):
         if not isinstance(not_before, int) or not isinstance(not_after, int):
             raise TypeError("not_before and not_after must be int unix seconds")
         self.csr = csr
@@ -214,9 +214,14 @@ cdef class LeafSpec:
         for name in self.dns_names:
             if not isinstance(name, str):
                 raise TypeError(f"dns_names must be str, not {type(name).__name__}")
+        self.ip_addresses = tuple(ip_addresses)
+        for address in self.ip_addresses:
+            if not isinstance(address, bytes):
+                raise TypeError(f"ip_addresses must be bytes, not {type(address).__name__}")
 
     def __repr__(self):
-        return f"LeafSpec(spiffe_id={self.spiffe_id!r}, dns_names={self.dns_names!r})"
+        return (f"LeafSpec(spiffe_id={self.spiffe_id!r}, dns_names={self.dns_names!r}, "
+                f"ip_addresses={self.ip_addresses!r})")
 
 
 cdef class PreparedLeaf:
@@ -246,6 +251,13 @@ cdef int check_identity(LeafJob* job) noexcept nogil:
         for j in range(i):
             if ascii_lower_equal(job.dns_names[i], job.dns_names[j]):
                 return fail(&job.failure, FAIL_IDENTITY, "DNS name listed twice")
+    for i in range(job.ip_address_count):
+        if check_ip(job.ip_addresses[i].size, &job.failure) < 0:
+            return -1
+        for j in range(i):
+            if (job.ip_addresses[i].size == job.ip_addresses[j].size
+                    and memcmp(job.ip_addresses[i].data, job.ip_addresses[j].data, job.ip_addresses[i].size) == 0):
+                return fail(&job.failure, FAIL_IDENTITY, "IP address listed twice")
     return 0
 
 
@@ -260,6 +272,7 @@ cdef int tbs_build(const TbsTemplate* template, LeafJob* job) noexcept nogil:
                                 else template.extensions_ec_key)
     for i in range(job.dns_name_count):
         capacity += job.dns_names[i].size + 4
+    capacity += job.ip_address_count * 20
     if derbuf_init(out, capacity) < 0:
         return fail(&job.failure, FAIL_INTERNAL, "out of memory assembling the TBS")
     # Positive with a fixed 16-octet length: high bit clear, next bit set.
@@ -285,6 +298,8 @@ cdef int tbs_build(const TbsTemplate* template, LeafJob* job) noexcept nogil:
     derbuf_primitive(out, 0x86, job.spiffe_id, job.spiffe_id_size)
     for i in range(job.dns_name_count):
         derbuf_primitive(out, 0x82, job.dns_names[i].data, job.dns_names[i].size)
+    for i in range(job.ip_address_count):
+        derbuf_primitive(out, 0x87, job.ip_addresses[i].data, job.ip_addresses[i].size)
     derbuf_end(out)
     derbuf_end(out)
     derbuf_end(out)
@@ -338,7 +353,7 @@ def prepare_batch(IssuerProfile profile not None, specs) -> list:
     count = len(specs)
     if count == 0:
         return []
-    dns_total = sum(len((<LeafSpec>item).dns_names) for item in specs)
+    dns_total = sum(len((<LeafSpec>item).dns_names) + len((<LeafSpec>item).ip_addresses) for item in specs)
     keep_alive = []
     results = []
     profile.fill_template(&template)
@@ -376,6 +391,13 @@ def prepare_batch(IssuerProfile profile not None, specs) -> list:
                 dns_spans[dns_at] = span_of(encoded)
                 dns_at += 1
                 job.dns_name_count += 1
+            # IP addresses follow the DNS names in the same span array.
+            job.ip_addresses = dns_spans + dns_at
+            for address in spec.ip_addresses:
+                keep_alive.append(address)
+                dns_spans[dns_at] = span_of(address)
+                dns_at += 1
+                job.ip_address_count += 1
         with nogil:
             for index in range(count):
                 prepare_leaf(&template, &jobs[index])

@@ -55,6 +55,9 @@ class AgentConfig(BaseSettings):
 
     ca_addr: str = Field("istiod.istio-system.svc:15012", validation_alias=_env("ca_addr", "CA_ADDR"))
     ca_root: Path | None = Field(None, validation_alias=_env("ca_root", "CA_ROOT_CA"))
+    # The name the CA's certificate must carry, when it is not the host part
+    # of ca_addr (an agent dialling an IP address, or a tunnel's local port).
+    ca_server_name: str | None = Field(None, validation_alias=_env("ca_server_name"))
     socket: Path = Field(Path("./var/run/secrets/workload-spiffe-uds/socket"), validation_alias=_env("socket"))
     trust_domain: str = Field("cluster.local", validation_alias=_env("trust_domain", "TRUST_DOMAIN"))
     namespace: str = Field("default", validation_alias=_env("namespace", "POD_NAMESPACE"))

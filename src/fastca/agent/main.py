@@ -61,7 +61,7 @@ class Agent:
         client_cert = (config.client_cert, config.client_key) if config.client_cert is not None else None
         return CAClient(config.ca_addr, root_pem=root_pem, token_file=config.token_file,
                         cluster_id=config.cluster_id, cert_signer=config.cert_signer, client_cert=client_cert,
-                        on_event=self._on_event)
+                        server_name=config.ca_server_name, on_event=self._on_event)
 
     def _on_event(self, kind: str, name: str, **details: Any) -> None:
         if kind == "csr_sent":

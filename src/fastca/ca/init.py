@@ -6,6 +6,7 @@ destroys an existing CA unless ``force`` is given.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 from dataclasses import dataclass
@@ -89,6 +90,19 @@ def _embedded_token(state_dir: Path) -> tuple[Pkcs11Uri, Path]:
     return uri, conf
 
 
+def _pin_into_file(uri: Pkcs11Uri, state_dir: Path) -> Pkcs11Uri:
+    """A URI given with pin-value= is kept with the PIN moved into the state
+    directory's 0600 ``pin`` file (pin-source=file:): the configuration file
+    never holds a PIN, and every later start reads the real one."""
+    if uri.pin_value is None:
+        return uri
+    if uri.pin_source is not None:
+        raise ConfigurationError("the key URI gives both pin-value and pin-source; give one")
+    pin_file = state_dir / _PIN_FILE
+    softhsm.write_secret_file(pin_file, uri.pin_value)
+    return dataclasses.replace(uri, pin_value=None, pin_source=f"file:{pin_file.resolve()}")
+
+
 def _load_istio_cacerts(directory: Path) -> tuple[object, list[x509.Certificate], list[x509.Certificate],
                                                   list[x509.Certificate]]:
     """(key, signing cert(s), chain, roots) from an Istio `cacerts` directory
@@ -144,7 +158,7 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, now: 
         softhsm.write_secret_file(state_dir / _SOFTWARE_KEY_FILE, pem.rstrip("\n"))
     else:
         if options.key_uri:
-            uri = Pkcs11Uri.parse(options.key_uri)
+            uri = _pin_into_file(Pkcs11Uri.parse(options.key_uri), state_dir)
         else:
             uri, softhsm_conf = _embedded_token(state_dir)
         conf_text = str(softhsm_conf.resolve()) if softhsm_conf else None

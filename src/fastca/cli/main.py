@@ -7,6 +7,9 @@ with status 2; nothing prints a PIN or key.
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import secrets
 import sys
 from pathlib import Path
 from typing import Optional
@@ -80,6 +83,18 @@ def init(
               f"  root bundle for agents: {state_dir / 'root-cert.pem'}")
 
 
+def _local_user() -> str:
+    """Who ran the command, for the audit record: the effective user, and the
+    user sudo was run by, if any."""
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    via = os.environ.get("SUDO_USER")
+    return f"unix:{name}(uid={uid})" + (f" via sudo by {via}" if via and via != name else "")
+
+
 @app.command()
 def issue(
     csr: Path = typer.Option(..., help="PEM or DER CSR file"),
@@ -90,6 +105,8 @@ def issue(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Issue one workload certificate; prints the chain as Istio returns it."""
+    from fastca.audit.config import open_audit_log
+    from fastca.audit.record import IssuanceRecord
     from fastca.ca.material import load_ca
     from fastca.pipeline.issuer import IssueRequest, Issuer
 
@@ -97,10 +114,16 @@ def issue(
         data = csr.read_bytes()
     except OSError as exc:
         raise ConfigurationError(f"cannot read {csr}: {exc.strerror}") from None
-    ca = load_ca(_state(state))
+    state_dir = _state(state)
+    ca = load_ca(state_dir)
     try:
-        issuer = Issuer(ca.material, ca.signer, ca.config.issuance)
-        issued = issuer.issue(IssueRequest(csr=data, identity=identity, ttl_seconds=ttl))
+        # Opened before signing: a certificate that cannot be recorded is not made.
+        with open_audit_log(ca.config.audit, state_dir) as audit:
+            issuer = Issuer(ca.material, ca.signer, ca.config.issuance)
+            issued = issuer.issue(IssueRequest(csr=data, identity=identity, ttl_seconds=ttl))
+            audit.record_many_sync([IssuanceRecord.from_issued(
+                issued, caller_identities=(_local_user(),), credential_type="cli", signer="default",
+                peer="local", request_id=f"cli-{os.getpid()}-{secrets.token_hex(4)}")], timeout=60)
     finally:
         ca.close()
     if as_json:
@@ -141,8 +164,8 @@ def serve(
                                           "127.0.0.1:15014]"),
     mtls_listen: Optional[str] = typer.Option(None, help="extra port that requires client certificates (VMs)"),
     plaintext: bool = typer.Option(False, "--plaintext", help="no TLS (Istio's :15010 case)"),
-    workers: int = typer.Option(1, min=1, max=64, help="server processes sharing the port (SO_REUSEPORT); "
-                                "e.g. the number of CPUs"),
+    workers: Optional[int] = typer.Option(None, min=1, max=64, help="server processes sharing the port "
+                                          "(SO_REUSEPORT) [default: server.workers, 0 there = one per CPU]"),
 ) -> None:
     """Serve istio.v1.auth.IstioCertificateService until SIGTERM."""
     from fastca.config import CAConfig
@@ -158,10 +181,11 @@ def serve(
         overrides["plaintext"] = True
     if overrides:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
-    if workers > 1:
+    count = workers or config.server.worker_count()
+    if count > 1:
         from fastca.frontend.workers import supervise
 
-        sys.exit(supervise(state_dir, config, workers))
+        sys.exit(supervise(state_dir, config, count))
     run_server(state_dir, config)
 
 
@@ -170,6 +194,8 @@ def agent(
     config_file: Optional[Path] = typer.Option(None, "--config", help="agent TOML file"),
     ca_addr: Optional[str] = typer.Option(None, help="CA address HOST:PORT (CA_ADDR); :15010 means plaintext"),
     ca_root: Optional[Path] = typer.Option(None, help="root bundle that the CA's certificate chains to (CA_ROOT_CA)"),
+    ca_server_name: Optional[str] = typer.Option(None, help="name the CA's certificate must carry, if not the host "
+                                                 "of --ca-addr"),
     socket: Optional[Path] = typer.Option(None, help="SDS Unix socket [./var/run/secrets/workload-spiffe-uds/socket]"),
     trust_domain: Optional[str] = typer.Option(None, help="trust domain (TRUST_DOMAIN)"),
     namespace: Optional[str] = typer.Option(None, help="workload namespace (POD_NAMESPACE)"),
@@ -190,7 +216,8 @@ def agent(
     from fastca.observability.logging import configure_logging
 
     configure_logging()
-    config = AgentConfig.load(config_file, ca_addr=ca_addr, ca_root=ca_root, socket=socket, trust_domain=trust_domain,
+    config = AgentConfig.load(config_file, ca_addr=ca_addr, ca_root=ca_root, ca_server_name=ca_server_name,
+                              socket=socket, trust_domain=trust_domain,
                               namespace=namespace, service_account=service_account, token_file=token_file,
                               client_cert=cert, client_key=key, ttl_seconds=ttl, key_type=key_type,
                               mounted_dir=mounted_dir, output_dir=output_dir, metrics_listen=metrics)

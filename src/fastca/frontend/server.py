@@ -204,6 +204,7 @@ class CAServer:
             return
         self.serving = ServingCertificate(
             issuer, trust_domain=config.trust_domain, dns_names=config.server.serving_dns_names,
+            ip_addresses=config.server.listen_ip_addresses(),
             ttl_seconds=config.server.serving_cert_ttl_seconds, client_roots_pem=roots_pem)
         self.ports["grpc"] = server.add_secure_port(
             config.server.listen, self.serving.credentials(require_client_certificate=False, name="grpc"))
@@ -282,16 +283,18 @@ class CAServer:
         log.info("stopped")
 
     async def run_until_signalled(self) -> None:
+        # Handlers first: a SIGTERM that arrives while starting (right after
+        # "serving" is logged, say) still gets the graceful shutdown.
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         try:
             await self.start()
         except BaseException:
             await self.stop(grace=0)
             raise
         log.info("startup heap frozen", objects=freeze_startup_heap())
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("shutting down", reason="signal")
         await self.stop()

@@ -4,6 +4,7 @@ the configured DNS names, renewed at half its life without a restart
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from dataclasses import dataclass
@@ -27,10 +28,11 @@ class _Pair:
 
 class ServingCertificate:
     def __init__(self, issuer: Issuer, *, trust_domain: str, dns_names: list[str], ttl_seconds: int,
-                 client_roots_pem: bytes | None = None) -> None:
+                 ip_addresses: list[str] = (), client_roots_pem: bytes | None = None) -> None:
         self._issuer = issuer
         self._identity = f"spiffe://{trust_domain}/ns/istio-system/sa/fastca"
         self._dns_names = tuple(dns_names)
+        self._ip_addresses = tuple(ipaddress.ip_address(address).packed for address in ip_addresses)
         self._ttl = ttl_seconds
         self._client_roots = client_roots_pem
         self._lock = threading.Lock()
@@ -42,7 +44,7 @@ class ServingCertificate:
         csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
         issued = self._issuer.issue(IssueRequest(csr=csr.public_bytes(serialization.Encoding.DER),
                                                  identity=self._identity, ttl_seconds=self._ttl,
-                                                 dns_names=self._dns_names))
+                                                 dns_names=self._dns_names, ip_addresses=self._ip_addresses))
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         # Leaf and intermediates; the root stays with the clients.

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -112,9 +113,27 @@ class _Supervisor:
         return reported
 
     def run(self) -> int:
+        # A port of 0 ("any") is chosen here, once, for every worker: a socket
+        # bound to it with SO_REUSEPORT holds it (without listening, so it
+        # takes no connections) until the supervisor exits.
+        reserved: list[socket.socket] = []
+        updates: dict[str, str] = {}
+        for key in ("listen", "mtls_listen"):
+            address = getattr(self._config.server, key)
+            if address and address.rpartition(":")[2] == "0":
+                held, updates[key] = _reserve_port(address)
+                reserved.append(held)
+        if updates:
+            server = self._config.server.model_copy(update=updates)
+            self._config = self._config.model_copy(update={"server": server})
+        try:
+            return self._run()
+        finally:
+            for held in reserved:
+                held.close()
+
+    def _run(self) -> int:
         port = self._config.server.listen.rpartition(":")[2]
-        if port == "0":
-            raise ConfigurationError("--workers needs a fixed --listen port: the workers share it (SO_REUSEPORT)")
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
@@ -177,6 +196,25 @@ class _Supervisor:
             if process.is_alive():
                 process.kill()
                 process.join(timeout=5)
+
+
+def _reserve_port(address: str) -> tuple[socket.socket, str]:
+    """Bind ``host:0`` with SO_REUSEPORT; (the socket, ``host:port``)."""
+    host = address.rpartition(":")[0]
+    bare = host.strip("[]")
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(bare or None, 0, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise ConfigurationError(f"cannot listen on {address}: {error}") from None
+    held = socket.socket(family, kind, proto)
+    try:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(sockaddr)
+    except OSError as error:
+        held.close()
+        raise ConfigurationError(f"cannot listen on {address}: {error.strerror}") from None
+    return held, f"{host}:{held.getsockname()[1]}"
 
 
 def supervise(state_dir: Path, config: CAConfig, workers: int) -> int:

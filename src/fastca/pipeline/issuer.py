@@ -39,6 +39,7 @@ class IssueRequest:
     identity: str                    # the authorised SPIFFE ID: the certificate's only URI SAN
     ttl_seconds: int | None = None   # None or <= 0: the configured default
     dns_names: tuple[str, ...] = ()  # only where policy allows them
+    ip_addresses: tuple[bytes, ...] = ()  # 4 or 16 octets; the server's own certificate only
     strict_csr: bool = False         # the CSR's URI SANs must be exactly [identity] (istio-csr's rule)
 
 
@@ -124,7 +125,7 @@ class Issuer:
                 continue
             serial = _positive_serial(randomness[i * _SERIAL_BYTES:(i + 1) * _SERIAL_BYTES])
             specs.append(_native.LeafSpec(request.csr, request.identity, serial,
-                                          not_before, not_after, request.dns_names))
+                                          not_before, not_after, request.dns_names, request.ip_addresses))
             facts[i] = (int.from_bytes(serial, "big"), not_before, not_after)
             spec_index.append(i)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
 from fastca.errors import ConfigurationError
+from fastca.signing.secret_file import read_secret_file
 
 __all__ = ["Pkcs11Uri"]
 
@@ -135,16 +136,11 @@ class Pkcs11Uri:
             source = source[len("file:"):]
             if source.startswith("//"):
                 source = source[2:]
-        path = Path(source)
+        data = read_secret_file(Path(source), "PKCS#11 PIN file", _MAX_PIN_FILE_BYTES)
         try:
-            with path.open("rb") as handle:
-                data = handle.read(_MAX_PIN_FILE_BYTES + 1)
-        except OSError as exc:
-            # The path is not secret; the file's contents are.
-            raise ConfigurationError(f"cannot read the PKCS#11 PIN file {path}: {exc.strerror}") from None
-        if len(data) > _MAX_PIN_FILE_BYTES:
-            raise ConfigurationError(f"the PKCS#11 PIN file {path} is larger than {_MAX_PIN_FILE_BYTES} bytes")
-        return data.decode("utf-8").rstrip("\r\n")
+            return data.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"the PKCS#11 PIN file {source} is not UTF-8 text") from None
 
     def resolved_module_path(self, default: str | None = None) -> str:
         path = self.module_path or default or os.environ.get("FASTCA_PKCS11_MODULE")

@@ -6,6 +6,7 @@ default and production use the PKCS#11 backend.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -13,9 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from fastca.errors import ConfigurationError
 from fastca.signing.base import SignerBase
+from fastca.signing.secret_file import read_secret_file
 
 __all__ = ["SoftwareSigner"]
 
+_MAX_KEY_FILE_BYTES = 64 * 1024
 _HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384}
 
 
@@ -34,8 +37,7 @@ class SoftwareSigner(SignerBase):
 
     @classmethod
     def from_pem_file(cls, path: str, password: bytes | None = None) -> SoftwareSigner:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_secret_file(Path(path), "CA key file", _MAX_KEY_FILE_BYTES)
         try:
             key = serialization.load_pem_private_key(data, password=password)
         except (ValueError, TypeError) as exc:
