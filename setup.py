@@ -3,7 +3,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-NATIVE_MODULES = ["errors", "der", "asn1", "pem", "san", "csr", "tbs"]
+NATIVE_MODULES = ["errors", "der", "asn1", "pem", "san", "csr", "tbs", "leafcheck"]
 
 extensions = [
     Extension(

@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from loadgen import CallFailed, Connection
-from ports import free_loopback_port
+from bench.loadgen import CallFailed, Connection
+from bench.ports import free_loopback_port
 
 __all__ = ["CfsslPeer", "CfsslTarget"]
 

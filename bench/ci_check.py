@@ -5,8 +5,8 @@ row (default 2). Absolute rates are never
 judged: CI machines differ and are noisy; ratios to raw limits measured in
 the same run are not.
 
-    python bench/ci_check.py [--json bench/out/ci.json] [--baseline bench/ci-baseline.json]
-    python bench/ci_check.py --update-baseline        # after an intended change, on the CI machine class
+    python -m bench ci-check [--json bench/out/ci.json] [--baseline bench/ci-baseline.json]
+    python -m bench ci-check --update-baseline        # after an intended change, on the CI machine class
 
 Checked ratios (fastca's Istio-path certs/s over ...): the raw SoftHSM P-256
 C_Sign rate in one process, and pyca CertificateBuilder issuance in one
@@ -31,8 +31,8 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from run import build_parser, render, run_bench
-from stats import regressions, write_report
+from bench.run import build_parser, render, run_bench
+from bench.stats import regressions, write_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 CHECKED_RATIOS = ("fastca_vs_softhsm_p256_1proc", "fastca_vs_pyca_issue_1proc")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import tomli_w
-from ports import free_loopback_port
+from bench.ports import free_loopback_port
 
 __all__ = ["CLUSTER_ID", "FastcaServer", "serve_supports_workers"]
 

@@ -3,7 +3,7 @@ TLS costs the server before any CA work, for grpc.aio (what fastca serves
 with) and for a minimal native HTTP/2 core (nghttp2 under Cython, TLS from
 uvloop: bench/h2floor/_h2echo.pyx).
 
-    python bench/front_end_floor.py [--rounds 3] [--duration 8] [--json F]
+    python -m bench front-end-floor [--rounds 3] [--duration 8] [--json F]
 
 Both servers answer CreateCertificate with the same fixed response (a chain
 of three PEMs) on one process with uvloop; both are driven by the native
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -43,7 +44,7 @@ KINDS = ("grpc-aio", "nghttp2")
 def build_h2echo() -> Path:
     """The directory holding the built _h2echo module (compiled now if this
     source has not been yet), keyed by the source's hash."""
-    from native_load import cache_dir
+    from bench.native_load import cache_dir
 
     digest = hashlib.sha256(_PYX.read_bytes()).hexdigest()[:16]
     target = cache_dir() / f"h2echo-{digest}"
@@ -98,7 +99,7 @@ def _serve(kind: str, cert_file: str, key_file: str, module_dir: str) -> None:
 
     import uvloop
 
-    from fastca.frontend._proto import istio_ca_pb2
+    from fastca.proto import istio_ca_pb2
 
     pem = Path(cert_file).read_text()
     response = istio_ca_pb2.IstioCertificateResponse(cert_chain=[pem, pem, pem])
@@ -107,7 +108,7 @@ def _serve(kind: str, cert_file: str, key_file: str, module_dir: str) -> None:
     async def grpc_aio() -> None:
         import grpc
 
-        from fastca.frontend._proto import istio_ca_pb2_grpc
+        from fastca.proto import istio_ca_pb2_grpc
 
         class Echo(istio_ca_pb2_grpc.IstioCertificateServiceServicer):
             async def CreateCertificate(self, request, context):  # noqa: N802 - gRPC name
@@ -124,8 +125,11 @@ def _serve(kind: str, cert_file: str, key_file: str, module_dir: str) -> None:
     async def nghttp2() -> None:
         import ssl
 
-        sys.path.insert(0, module_dir)
-        from _h2echo import H2Connection
+        built = next(Path(module_dir).glob("_h2echo*.so"))
+        spec = importlib.util.spec_from_file_location("_h2echo", built)
+        h2echo = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(h2echo)
+        H2Connection = h2echo.H2Connection  # noqa: N806 - a class
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert_file, key_file)
@@ -165,8 +169,8 @@ class EchoServer:
 
     def __enter__(self) -> Self:
         self._process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", self.kind, str(self._cert), str(self._key),
-             str(self._module_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "bench.front_end_floor", "--serve", self.kind, str(self._cert), str(self._key),
+             str(self._module_dir)], cwd=_HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
         if not line.startswith("ready "):
@@ -182,8 +186,8 @@ class EchoServer:
 
 
 def measure(rounds: int, duration_s: float, connections: int) -> dict[str, Any]:
-    from loadgen import IstioTarget, LoadSpec, make_csrs
-    from native_load import run_native_load
+    from bench.loadgen import IstioTarget, LoadSpec, make_csrs
+    from bench.native_load import run_native_load
 
     csrs = make_csrs(256, "ec-p256", distinct_keys=4)
     spec = LoadSpec(connections=connections, warmup_s=2.0, duration_s=duration_s)

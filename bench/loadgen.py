@@ -36,8 +36,8 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from parallel import Parallel, sleep_until
-from stats import merge_load
+from bench.parallel import Parallel, sleep_until
+from bench.stats import merge_load
 
 __all__ = ["BulkTarget", "CallFailed", "IstioTarget", "LoadSpec", "MeasuredWindow", "machine_cpu_seconds", "make_csrs",
            "measure_window", "process_tree_cpu_seconds", "run_load", "summarise"]
@@ -120,7 +120,7 @@ class IstioTarget:
     def prepare(self, csr_pem: bytes) -> Any:
         from google.protobuf import struct_pb2
 
-        from fastca.frontend._proto import istio_ca_pb2
+        from fastca.proto import istio_ca_pb2
 
         metadata = struct_pb2.Struct()
         metadata.update({"CertSigner": ""})
@@ -128,7 +128,7 @@ class IstioTarget:
                                                     metadata=metadata)
 
     async def connect(self, process_index: int, connection_index: int, call_timeout_s: float) -> Connection:
-        from fastca.frontend._proto import istio_ca_pb2_grpc
+        from fastca.proto import istio_ca_pb2_grpc
 
         channel, headers = await self._open(process_index, connection_index)
         return _IstioConnection(channel, istio_ca_pb2_grpc.IstioCertificateServiceStub(channel), headers,
@@ -161,7 +161,7 @@ class BulkTarget(IstioTarget):
         return self.per_call
 
     def prepare_all(self, csrs: list[bytes]) -> list[Any]:
-        from fastca.frontend._proto import bulk_pb2
+        from fastca.proto import bulk_pb2
 
         elements = [self.prepare(csr) for csr in csrs]
         calls = max(1, len(elements) // self.per_call)
@@ -170,7 +170,7 @@ class BulkTarget(IstioTarget):
                 for c in range(calls)]
 
     async def connect(self, process_index: int, connection_index: int, call_timeout_s: float) -> Connection:
-        from fastca.frontend._proto import bulk_pb2_grpc
+        from fastca.proto import bulk_pb2_grpc
 
         channel, headers = await self._open(process_index, connection_index)
         return _BulkConnection(channel, bulk_pb2_grpc.BulkCertificateServiceStub(channel), headers, call_timeout_s)

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cfssl_peer import SIGN_PATH, CfsslTarget
-from loadgen import BulkTarget, IstioTarget, LoadSpec, measure_window, summarise
+from bench.cfssl_peer import SIGN_PATH, CfsslTarget
+from bench.loadgen import BulkTarget, IstioTarget, LoadSpec, measure_window, summarise
 
 __all__ = ["GeneratorUnavailable", "agentload_binary", "cache_dir", "run_native_load"]
 
@@ -78,7 +78,7 @@ def _records(payloads: list[bytes]) -> bytes:
     return b"".join(struct.pack(">I", len(p)) + p for p in payloads)
 
 
-def _config(target: Any, spec: LoadSpec, csrs: list[bytes], workdir: Path) -> dict[str, Any]:
+def native_config(target: Any, spec: LoadSpec, csrs: list[bytes], workdir: Path) -> dict[str, Any]:
     requests = workdir / "requests.bin"
     common = {"address": target.address, "requests_file": str(requests), "connections": spec.connections,
               "warmup_s": spec.warmup_s, "duration_s": spec.duration_s, "call_timeout_s": spec.call_timeout_s,
@@ -114,7 +114,7 @@ def run_native_load(target: Any, spec: LoadSpec, csrs: list[bytes], *, server_pi
     with tempfile.TemporaryDirectory(prefix="agentload-") as tmp:
         workdir = Path(tmp)
         config = workdir / "config.json"
-        config.write_text(json.dumps(_config(target, spec, csrs, workdir)))
+        config.write_text(json.dumps(native_config(target, spec, csrs, workdir)))
         # stderr to a file, not a pipe: grpc-go's error logs under overload
         # must never fill a pipe nobody reads and stall the generator.
         errors = workdir / "stderr"

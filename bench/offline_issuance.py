@@ -4,11 +4,12 @@ No RPC: CSR bytes in, certificate DER out, one core (one process, one
 thread). Each round measures every contender back to back, so machine noise
 hits them alike; the report gives medians over rounds and the ratios.
 
-    python bench/offline_issuance.py [--rounds 5] [--count 2000] [--json out.json]
+    python -m bench offline [--rounds 5] [--count 2000] [--json out.json]
 
 Contenders (all with RSA-2048 agent CSRs unless named):
-  fastca/software-p256   Issuer, in-memory P-256 CA key, batches of --batch
-  fastca/softhsm-p256    Issuer, P-256 CA key in a SoftHSM token
+  fastca/software-p256   the Authority's batch stages (bench/engine.py), in-memory P-256 CA key,
+                         batches of --batch
+  fastca/softhsm-p256    the same, P-256 CA key in a SoftHSM token
   pyca/p256              load CSR, verify it, CertificateBuilder(...).sign()
   pyca/p256+check        the same, then the CA signature verified (what fastca always does)
   raw: rsa2048-verify, p256-sign, p256-verify (cryptography) to price the crypto operations
@@ -30,11 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from bench.engine import Engine
 from fastca.ca import hsm, softhsm
-from fastca.ca.certificates import self_signed_root
-from fastca.ca.material import validate_material
-from fastca.config import IssuanceConfig
-from fastca.pipeline.issuer import IssueRequest, Issuer
 from fastca.signing.pkcs11 import Pkcs11Signer
 from fastca.signing.pkcs11_uri import Pkcs11Uri
 from fastca.signing.software import SoftwareSigner
@@ -57,14 +55,11 @@ def make_csrs(count: int) -> list[bytes]:
     return out
 
 
-def fastca_rate(issuer: Issuer, csrs: list[bytes], batch: int) -> float:
-    requests = [IssueRequest(c, IDENTITY) for c in csrs]
+def fastca_rate(engine: Engine, csrs: list[bytes], batch: int) -> float:
     start = time.perf_counter()
-    for i in range(0, len(requests), batch):
-        for result in issuer.issue_many(requests[i:i + batch]):
-            if isinstance(result, Exception):
-                raise result
-    return len(requests) / (time.perf_counter() - start)
+    for i in range(0, len(csrs), batch):
+        engine.issue_batch(csrs[i:i + batch])
+    return len(csrs) / (time.perf_counter() - start)
 
 
 def pyca_rate(key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, csrs: list[bytes],
@@ -112,20 +107,18 @@ def raw_rates(csrs: list[bytes], key: ec.EllipticCurvePrivateKey) -> dict[str, f
     return {"raw/rsa2048-verify": verify, "raw/p256-sign": sign, "raw/p256-verify": check}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     csrs = make_csrs(args.count)
-    now = dt.datetime.now(dt.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
-    software = SoftwareSigner(key)
-    root = self_signed_root(software, "cluster.local", now=now)
-    software_issuer = Issuer(validate_material(root, [], [root], now), software, IssuanceConfig())
+    software_issuer = Engine(SoftwareSigner(key))
+    root = software_issuer.root
 
     workdir = Path(tempfile.mkdtemp(prefix="fastca-bench-"))
     conf = softhsm.write_softhsm_conf(workdir)
@@ -135,9 +128,7 @@ def main() -> None:
     uri = Pkcs11Uri(token="bench", object="ca", type="private", module_path=softhsm.find_softhsm_module(),
                     pin_source=f"file:{workdir / 'pin'}")
     hsm.generate_key(uri, "ec-p256", str(conf))
-    token_signer = Pkcs11Signer(uri, softhsm_conf=str(conf))
-    token_root = self_signed_root(token_signer, "cluster.local", now=now)
-    token_issuer = Issuer(validate_material(token_root, [], [token_root], now), token_signer, IssuanceConfig())
+    token_issuer = Engine(Pkcs11Signer(uri, softhsm_conf=str(conf)))
 
     rounds: dict[str, list[float]] = {}
     for _ in range(args.rounds):

@@ -5,7 +5,7 @@ a P-256 key (host SHA-256 + CKM_ECDSA) and an RSA-2048 key
 (CKM_SHA256_RSA_PKCS), batches of 1, 16 and 256, one process:
 
   python   Pkcs11Signer(native_batch=False): key.sign per item (python-pkcs11)
-  native   Pkcs11Signer(native_batch=True): fastca.signing._pkcs11_batch
+  native   Pkcs11Signer(native_batch=True): the native batch loop
 
 Each is measured two ways:
   signer     Pkcs11Signer.sign_many from this thread: what the issuer pays,
@@ -18,12 +18,10 @@ Each is measured two ways:
 Every round measures every cell, python and native of a cell back to back
 (alternating which goes first), so machine noise hits them alike. The report
 gives medians over rounds, and the median of each round's native/python
-ratio (robust to drift between rounds). A last probe prices SoftHSM itself:
-the native loop on pre-hashed P-256 digests, run on the PKCS#11 thread.
-Compare with PERFORMANCE.md's raw SoftHSM rates for one process (P-256
-~20.6k/s, RSA-2048 ~1.77k/s).
+ratio (robust to drift between rounds). The raw SoftHSM rate itself is
+bench/probes.py's (run by `python -m bench run`).
 
-    python bench/pkcs11_batch.py [--rounds 7] [--p256-items 4096] [--rsa-items 512] [--json out.json]
+    python -m bench pkcs11-batch [--rounds 7] [--p256-items 4096] [--rsa-items 512] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,12 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pkcs11 import Mechanism
-
 from fastca.ca import hsm, softhsm
-from fastca.signing import _pkcs11_batch
 from fastca.signing.pkcs11 import Pkcs11Signer
-from fastca.signing.pkcs11_context import Pkcs11Context
 from fastca.signing.pkcs11_uri import Pkcs11Uri
 
 BATCH_SIZES = (1, 16, 256)
@@ -70,38 +64,26 @@ def signer_rate(signer: Pkcs11Signer, items: list[bytes], batch: int) -> tuple[f
 
 
 def on_thread_rate(signer: Pkcs11Signer, items: list[bytes], batch: int) -> float:
+    """sign_many called on the signer's own thread (its home executor): no
+    hop per batch, the signing loop alone."""
     batches = [items[i:i + batch] for i in range(0, len(items), batch)]
 
     def loop() -> float:
         start = time.perf_counter()
         for chunk in batches:
-            signer._sign_on_thread(chunk)
+            signer.sign_many(chunk)
         return len(items) / (time.perf_counter() - start)
 
-    return Pkcs11Context.for_this_process().run(loop)
+    return signer.home_executor.submit(loop).result()
 
 
-def raw_p256_rate(signer: Pkcs11Signer, count: int = 8192) -> float:
-    """CKM_ECDSA on ready digests, no host hashing and no Python per item:
-    what SoftHSM itself costs per P-256 signature in this process."""
-    digests = [os.urandom(32) for _ in range(count)]
-
-    def loop() -> float:
-        start = time.perf_counter()
-        _pkcs11_batch.sign_batch(signer._module_path, signer._session_handle, signer._private_key.handle,
-                                 int(Mechanism.ECDSA), None, digests, 64)
-        return count / (time.perf_counter() - start)
-
-    return Pkcs11Context.for_this_process().run(loop)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--p256-items", type=int, default=4096, help="signatures per cell and round")
     parser.add_argument("--rsa-items", type=int, default=512, help="signatures per cell and round")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     base_uri, conf = make_token()
     keys = {"p256": ("ec-p256", args.p256_items), "rsa2048": ("rsa-2048", args.rsa_items)}
@@ -132,7 +114,6 @@ def main() -> None:
             for mode in MODES:
                 rounds.setdefault(f"{key_name}/batch{batch}/{mode}/{how}", []).append(rate[mode])
             ratios.setdefault(f"{key_name}/batch{batch}/{how}", []).append(rate["native"] / rate["python"])
-        rounds.setdefault("raw/p256-native-loop-on-digests", []).append(raw_p256_rate(signers["p256", "native"]))
 
     medians = {name: statistics.median(values) for name, values in rounds.items()}
     ratio_medians = {name: statistics.median(values) for name, values in ratios.items()}
@@ -159,8 +140,6 @@ def main() -> None:
                   f" {medians[f'{key_name}/batch{batch}/native/cpu-us']:>13.1f}"
                   f"  {row['python', 'on-thread']:>16.0f} {row['native', 'on-thread']:>16.0f} "
                   f"{ratio_medians[f'{key_name}/batch{batch}/on-thread']:>6.2f}")
-    print(f"raw SoftHSM P-256 (native loop, pre-hashed, on-thread): "
-          f"{medians['raw/p256-native-loop-on-digests']:.0f}/s")
     print("ratio = median over rounds of native/python measured back to back")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

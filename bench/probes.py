@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from parallel import run_parallel, sleep_until
+from bench.parallel import run_parallel, sleep_until
 
 __all__ = [
     "KEY_LABELS",
@@ -145,7 +145,7 @@ def _ca_key(key_type: str) -> Any:
 def _pyca_worker(key_type: str, csrs: list[bytes], seconds: float, go: Callable[[], float]) -> float:
     import datetime as dt
 
-    from offline_issuance import pyca_rate
+    from bench.offline_issuance import pyca_rate
 
     from fastca.ca.certificates import self_signed_root
     from fastca.signing.software import SoftwareSigner
@@ -174,24 +174,16 @@ def pyca_issue_rate(key_type: str, csrs: list[bytes], processes: int, seconds: f
 
 def _engine_worker(token: ProbeToken, key_type: str, csrs: list[bytes], seconds: float,
                    go: Callable[[], float]) -> float:
-    import datetime as dt
-
-    from offline_issuance import fastca_rate
-
-    from fastca.ca.certificates import self_signed_root
-    from fastca.ca.material import validate_material
-    from fastca.config import IssuanceConfig
-    from fastca.pipeline.issuer import Issuer
+    from bench.engine import Engine
+    from bench.offline_issuance import fastca_rate
     from fastca.signing.pkcs11 import Pkcs11Signer
 
-    now = dt.datetime.now(dt.UTC)
-    signer = Pkcs11Signer(token.uri(key_type), softhsm_conf=token.conf)
+    engine = Engine(Pkcs11Signer(token.uri(key_type), softhsm_conf=token.conf))
     try:
-        root = self_signed_root(signer, "cluster.local", now=now)
-        issuer = Issuer(validate_material(root, [], [root], now), signer, IssuanceConfig())
-        return _repeat_rate(lambda: fastca_rate(issuer, csrs, _ENGINE_BATCH), len(csrs), seconds, go())
+        return _repeat_rate(lambda: fastca_rate(engine, csrs, _ENGINE_BATCH), len(csrs), seconds, go())
     finally:
-        signer.close()
+        engine.close()
+        engine.authority.close()
 
 
 def fastca_engine_rate(token: ProbeToken, key_type: str, csrs: list[bytes], seconds: float) -> float:

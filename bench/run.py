@@ -1,8 +1,8 @@
 """The fastca benchmark: the Istio path under agent-like load, the raw limits
 underneath it and, when cfssl is installed, the peer, all in one invocation
-(PERFORMANCE.md, "How to measure").
+(bench/README.md, "How the measurements are made").
 
-    python bench/run.py [--rounds 3] [--duration 30] [--connections 64] [--json out.json]
+    python -m bench run [--rounds 3] [--duration 30] [--connections 64] [--json out.json]
     fastca bench ...                  (the same, from a source checkout)
 
 Sets up in a temporary directory: a CA (embedded SoftHSM token, --key-type),
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import platform
@@ -36,12 +35,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cfssl_peer import CfsslPeer
-from fake_apiserver import FakeApiServer
-from fastca_server import FastcaServer, serve_supports_workers
-from loadgen import BulkTarget, IstioTarget, LoadSpec, make_csrs, run_load
-from native_load import run_native_load
-from probes import (
+from bench.cfssl_peer import CfsslPeer
+from bench.fake_apiserver import FakeApiServer
+from bench.fastca_server import FastcaServer, serve_supports_workers
+from bench.loadgen import BulkTarget, IstioTarget, LoadSpec, make_csrs, run_load
+from bench.native_load import run_native_load
+from bench.probes import (
     KEY_LABELS,
     ProbeToken,
     fastca_engine_rate,
@@ -58,14 +57,14 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
-from stats import compute_ratios, median_of_rounds, ratio, write_report
+from bench.stats import compute_ratios, median_of_rounds, ratio, write_report
 
 __all__ = ["build_parser", "main", "render", "run_bench"]
 
 _PROBE_CSRS = 500                    # CSRs per pass of the pyca and engine probes
-P99_TARGET_MS = 25.0                 # PERFORMANCE.md target 3
-HSM_BOUND_TARGET = 0.9               # PERFORMANCE.md target 2
-BULK_TARGET = 15000                  # PERFORMANCE.md target 5, certificates/s
+P99_TARGET_MS = 25.0                 # bench/README.md, target 3
+HSM_BOUND_TARGET = 0.9               # bench/README.md, target 2
+BULK_TARGET = 15000                  # bench/README.md, target 5, certificates/s
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the cfssl peer when cfssl is installed [on]")
     parser.add_argument("--bulk", type=int, metavar="K",
                         help="drive fastca's bulk RPC with K CSRs per call instead of the Istio path "
-                             "(PERFORMANCE.md target 5; no cfssl run, which has no bulk call)")
+                             "(bench/README.md, target 5; no cfssl run, which has no bulk call)")
     parser.add_argument("--json", type=Path, help="write the full report here")
     return parser
 
@@ -231,7 +230,7 @@ def run_bench(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
 
 def _targets(args: argparse.Namespace, medians: dict[str, Any]) -> dict[str, Any]:
-    """PERFORMANCE.md's load targets, judged on the medians."""
+    """The load targets of bench/README.md, judged on the medians."""
     ratios = medians["ratios"]
     if args.bulk:
         out: dict[str, Any] = {"5_bulk_certs_per_s": {"value": medians["fastca"]["certs_per_s"],

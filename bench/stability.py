@@ -1,7 +1,7 @@
-"""Overload and soak runs of a real ``fastca serve`` (PERFORMANCE.md targets 3 and 6).
+"""Overload and soak runs of a real ``fastca serve`` (bench/README.md, targets 3 and 6).
 
-    python bench/stability.py overload [--factor 3] [--connections 512] [--queue-limit 128] [--json F]
-    python bench/stability.py soak [--fraction 0.8] [--minutes 10] [--json F]
+    python -m bench stability overload [--factor 3] [--connections 512] [--queue-limit 128] [--json F]
+    python -m bench stability soak [--fraction 0.8] [--minutes 10] [--json F]
 
 Both start the bench's server (SoftHSM CA key, TLS, TokenReview, audit log,
 ``--workers``), measure its peak first (closed loop, 64 agent connections)
@@ -34,18 +34,18 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from fake_apiserver import FakeApiServer
-from fastca_server import FastcaServer
-from loadgen import IstioTarget, LoadSpec, make_csrs, run_load
-from native_load import run_native_load
+from bench.fake_apiserver import FakeApiServer
+from bench.fastca_server import FastcaServer
+from bench.loadgen import IstioTarget, LoadSpec, make_csrs, run_load
+from bench.native_load import run_native_load
 from rich.console import Console
 from rich.table import Table
-from stats import write_report
+from bench.stats import write_report
 
 __all__ = ["main", "memory_summary"]
 
 _PEAK_CONNECTIONS = 64
-MEMORY_LIMIT_MB = 150          # PERFORMANCE.md target 6, per process
+MEMORY_LIMIT_MB = 150          # bench/README.md, target 6, per process
 
 
 class MemorySampler:

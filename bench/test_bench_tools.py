@@ -8,9 +8,9 @@ from array import array
 
 import pytest
 from cryptography import x509
-from loadgen import make_csrs
-from probes import parse_openssl_speed
-from stats import compute_ratios, median_of_rounds, merge_load, percentile, regressions
+from bench.loadgen import make_csrs
+from bench.probes import parse_openssl_speed
+from bench.stats import compute_ratios, median_of_rounds, merge_load, percentile, regressions
 
 
 def _report(latencies_s: list[float], errors: dict[str, int], cpu_s: float) -> dict:
@@ -50,7 +50,7 @@ def test_merge_load_counts_every_certificate_of_a_bulk_call():
 
 
 def test_bulk_target_packs_distinct_csrs_into_calls():
-    from loadgen import BulkTarget
+    from bench.loadgen import BulkTarget
 
     csrs = make_csrs(250, "ec-p256", distinct_keys=2)
     calls = BulkTarget("127.0.0.1:1", b"", per_call=100).prepare_all(csrs)
@@ -113,7 +113,7 @@ def test_csrs_are_distinct_and_agent_shaped():
 
 
 def test_memory_summary_per_process_slope_and_limit():
-    from stability import memory_summary
+    from bench.stability import memory_summary
 
     mb = 2**20
     samples = [(0.0, {7: 90 * mb, 8: 40 * mb}), (5.0, {7: 95 * mb}), (60.0, {7: 91 * mb, 8: 40 * mb}),

@@ -9,9 +9,9 @@ import asyncio
 
 import grpc
 import pytest
-from front_end_floor import EchoServer
+from bench.front_end_floor import EchoServer
 
-from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
+from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cfssl_peer import CfsslTarget
-from fake_apiserver import FakeApiServer
-from fastca_server import FastcaServer
-from loadgen import BulkTarget, IstioTarget, LoadSpec, make_csrs
-from native_load import _config, agentload_binary, run_native_load
+from bench.cfssl_peer import CfsslTarget
+from bench.fake_apiserver import FakeApiServer
+from bench.fastca_server import FastcaServer
+from bench.loadgen import BulkTarget, IstioTarget, LoadSpec, make_csrs
+from bench.native_load import native_config, agentload_binary, run_native_load
 
 pytestmark = pytest.mark.slow
 
@@ -75,11 +75,11 @@ def test_a_root_bundle_without_certificates_stops_it_with_the_reason(server):
 def test_configuration_for_cfssl_and_what_it_cannot_drive(tmp_path: Path):
     csrs = make_csrs(3, "ec-p256", distinct_keys=1)
     spec = LoadSpec(connections=8, warmup_s=1, duration_s=2, rate=100)
-    config = _config(CfsslTarget("127.0.0.1:8888"), spec, csrs, tmp_path)
+    config = native_config(CfsslTarget("127.0.0.1:8888"), spec, csrs, tmp_path)
     assert config["kind"] == "cfssl" and config["method"] == "/api/v1/cfssl/sign" and config["rate"] == 100
     records = (tmp_path / "requests.bin").read_bytes()
     first_length = int.from_bytes(records[:4], "big")
     assert json.loads(records[4:4 + first_length]) == {"certificate_request": csrs[0].decode()}
     with pytest.raises(TypeError, match="bulk"):
-        _config(BulkTarget("127.0.0.1:1", b""), spec, csrs, tmp_path)
+        native_config(BulkTarget("127.0.0.1:1", b""), spec, csrs, tmp_path)
     assert agentload_binary().exists()

@@ -21,11 +21,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fastca.audit.config import AuditConfig
 from fastca.authn.config import AuthnConfig
-from fastca.ca.state import CONFIG_FILE
 from fastca.errors import ConfigurationError
 
-__all__ = ["CAConfig", "write_lifecycle", "resolve_path", "SignerConfig", "IssuanceConfig", "ServerConfig", "PolicyConfig", "RateLimitConfig",
+__all__ = ["CONFIG_FILE", "CAConfig", "write_lifecycle", "resolve_path", "SignerConfig", "IssuanceConfig", "ServerConfig", "PolicyConfig", "RateLimitConfig",
            "TimeWindowRule", "SourceNetworkRule", "NamedSignerConfig"]
+
+
+CONFIG_FILE = "fastca.toml"     # in the state directory (fastca.ca.state has the rest of its layout)
 
 
 class _Section(BaseModel):
@@ -82,10 +84,10 @@ class ServerConfig(_Section):
     serving_cert_ttl_seconds: int = Field(86400, gt=60)
     max_receive_message_bytes: int = Field(256 * 1024, gt=1024)
     batch_max: int = Field(64, ge=1, le=4096)
-    # Measured (bench/RESULTS.md): a 2 ms window gave 1.6x the throughput of
-    # 0.2 ms under load (bigger batches, fewer hops); flushing at once whenever
-    # no batch was in flight lost a quarter of that (batches of one after
-    # each). Only a quiet server (recent batches of one) skips the window.
+    # A window of a few ms pays for itself under load (bigger batches, fewer
+    # hops), and flushing whenever no batch is in flight would give it up
+    # (batches of one); only a quiet server (recent batches of one) skips it.
+    # bench/RESULTS.md has the comparisons.
     batch_delay_us: int = Field(2000, ge=0)
     queue_limit: int = Field(4096, ge=1)
     # Calls a worker holds at once, counted by grpc before any of ours runs:

@@ -12,6 +12,8 @@ detail for logs. Neither ever contains a PIN, key or token.
     ├── PolicyDenied             PERMISSION_DENIED  authenticated, but policy forbids it now or from here
     ├── Overloaded               RESOURCE_EXHAUSTED queue full (agents retry it)
     ├── CANotReady               UNAVAILABLE        no usable CA material or HSM (retried)
+    ├── CANotValid               FAILED_PRECONDITION the CA's certificates are not valid at this time
+                                                    (not yet, or expired): nothing it signed would verify
     ├── SigningFailed            INTERNAL           signer error, signature did not verify,
     │                                               signing certificate expired
     └── ConfigurationError       (not an RPC error) bad config, state dir, PKCS#11 URI, import
@@ -27,6 +29,7 @@ __all__ = [
     "PolicyDenied",
     "Overloaded",
     "CANotReady",
+    "CANotValid",
     "SigningFailed",
     "ConfigurationError",
     "GRPC_STATUS",
@@ -73,6 +76,10 @@ class CANotReady(FastcaError):
     public_message = "CA is not ready"
 
 
+class CANotValid(FastcaError):
+    public_message = "the CA's signing certificate is not valid at this time"
+
+
 class SigningFailed(FastcaError):
     public_message = "failed to sign the certificate"
 
@@ -100,6 +107,7 @@ GRPC_STATUS: dict[type[FastcaError], str] = {
     PolicyDenied: "PERMISSION_DENIED",
     Overloaded: "RESOURCE_EXHAUSTED",
     CANotReady: "UNAVAILABLE",
+    CANotValid: "FAILED_PRECONDITION",
     SigningFailed: "INTERNAL",
     ConfigurationError: "INTERNAL",
 }

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import NameOID
 
-from fastca._native import DerWriter
+from fastca._native.testing import DerWriter
 from tests.conftest import agent_csrs  # noqa: F401 - re-exported for the native tests
 
 SPIFFE_ID = "spiffe://cluster.local/ns/default/sa/web"

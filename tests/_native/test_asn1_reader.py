@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fastca._native import E_CSR_MALFORMED, MAX_DER_DEPTH, NativeError, walk_der
+from fastca._native.testing import E_CSR_MALFORMED, MAX_DER_DEPTH, NativeError, walk_der
 
 # Hostile input must be refused without a pathological scan; this bounds
 # that behaviour (the refusal itself takes microseconds), it is not a speed target.

@@ -1,4 +1,4 @@
-"""CSR acceptance (CERT-PROFILE.md; RELIABILITY.md cases 8, 9, 11)."""
+"""CSR acceptance (docs/cert-profile.md; RELIABILITY.md cases 8, 9, 11)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastca._native import (
+from fastca._native.testing import (
     E_CSR_ALGORITHM,
     E_CSR_ENCODING,
     E_CSR_KEY,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pyasn1.codec.der import decoder as pyasn1_decoder
 from pyasn1.type import char, univ, useful
 
-from fastca._native import MAX_DER_DEPTH, DerWriter, walk_der
+from fastca._native.testing import MAX_DER_DEPTH, DerWriter, walk_der
 
 
 def reference_tlv(tag: int, content: bytes) -> bytes:

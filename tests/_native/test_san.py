@@ -1,4 +1,4 @@
-"""SPIFFE ID / DNS / IP rules of CERT-PROFILE.md (RELIABILITY.md case 14)."""
+"""SPIFFE ID / DNS / IP rules of docs/cert-profile.md (RELIABILITY.md case 14)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastca._native import E_IDENTITY, NativeError, validate_dns_name, validate_ip, validate_spiffe_id
+from fastca._native.testing import E_IDENTITY, NativeError, validate_dns_name, validate_ip, validate_spiffe_id
 
 
 def refused(validate, value, *args) -> str:

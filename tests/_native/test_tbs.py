@@ -1,4 +1,4 @@
-"""TBS and certificate assembly: every field of CERT-PROFILE.md, byte-equal
+"""TBS and certificate assembly: every field of docs/cert-profile.md, byte-equal
 to pyca's CertificateBuilder fed the same inputs, and the post-sign check."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastca._native import (
+from fastca._native.testing import (
     E_CSR_ENCODING,
     DerWriter,
     E_CSR_SIGNATURE,

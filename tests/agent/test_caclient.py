@@ -1,6 +1,6 @@
 """The agent's CA client against a real `fastca serve` over TLS (TokenReview
 authentication), an in-process recording server for the exact wire shape and
-retry rule, and the response checks (ISTIO-CONTRACT.md §2, RELIABILITY 30–31)."""
+retry rule, and the response checks (docs/istio-contract.md, docs/reliability.md, cases 30–31)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cryptography import x509
 
 from fastca.agent.caclient import CAClient, CARequestFailed, InvalidCAResponse, validate_response
 from fastca.agent.csr import agent_csr, new_key, private_key_pem
-from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
+from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
 from tests.agent.conftest import (WORKLOAD_ID, LocalCA, make_authority, make_real_ca, run)
 from tests.frontend.conftest import service_account_token
 

@@ -1,4 +1,4 @@
-"""File-mounted certificates and the output writer (RELIABILITY 33):
+"""File-mounted certificates and the output writer (docs/reliability.md, case 33):
 symlink swaps are picked up, a half-written pair or bogus PEM is never
 served, the key file is never readable by others."""
 

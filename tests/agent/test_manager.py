@@ -1,6 +1,6 @@
 """The CA-backed secret manager: single flight, rotation observed through
 subscribe against a real CA, CA outages, expiry, root changes, discarded
-responses, the output directory (RELIABILITY 29–32)."""
+responses, the output directory (docs/reliability.md, cases 29–32)."""
 
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def test_wrong_identity_at_rotation_is_discarded_and_cached_pair_kept(tmp_path):
         ca.identity = "spiffe://cluster.local/ns/payments/sa/someone-else"
         await manager.start()
         try:
-            await wait_until(lambda: events.count("response_invalid") >= 2, 10)
+            await wait_until(lambda: events.count("rotation_failed") >= 2, 10)   # counted after each discard
             assert heard == []
             assert await manager.get(WORKLOAD_CERT) == first
             assert (out / "cert-chain.pem").read_bytes() == written

@@ -1,4 +1,4 @@
-"""Renewal time and retry backoff (RELIABILITY 29–30)."""
+"""Renewal time and retry backoff (docs/reliability.md, cases 29–30)."""
 
 from __future__ import annotations
 

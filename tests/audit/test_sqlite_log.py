@@ -66,16 +66,16 @@ def test_record_normalises_and_validates() -> None:
 
 
 def test_from_issued() -> None:
-    from fastca.pipeline.issuer import IssuedCertificate
+    from fastca.authority import IssuedCertificate
 
     issued = IssuedCertificate(der=b"", pem="", chain=(), serial=0x4A3F, not_before=T0,
                                not_after=T0 + dt.timedelta(hours=1), identity="spiffe://td/ns/a/sa/b",
                                key_type="rsa-2048", fingerprint_sha256="AB" * 32)
     record = IssuanceRecord.from_issued(issued, caller_identities=["spiffe://td/ns/a/sa/b"],
                                         credential_type="mtls", signer="default", peer="ipv4:1.2.3.4:5",
-                                        request_id="r1")
+                                        request_id="r1", issued_at=T0 + dt.timedelta(minutes=1))
     assert record.serial == "4a3f" and record.key_type == "rsa-2048" and record.fingerprint_sha256 == "ab" * 32
-    assert record.issued_at.tzinfo == dt.timezone.utc and not record.impersonated
+    assert record.issued_at == T0 + dt.timedelta(minutes=1) and not record.impersonated
 
 
 def test_concurrent_records_are_group_committed(db: Path) -> None:
@@ -122,7 +122,7 @@ def test_lone_record_pays_no_batch_delay(db: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_no_lost_records_when_killed(db: Path, mode: str) -> None:
-    """RELIABILITY 27: a serial the writer reported as recorded survives SIGKILL."""
+    """docs/reliability.md, case 27: a serial the writer reported as recorded survives SIGKILL."""
     proc = subprocess.Popen([sys.executable, "-m", "tests.audit._writer", str(db), mode], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     printed: list[str] = []

@@ -1,5 +1,5 @@
 """istiod's authenticator order and what the chain does with failures
-(RELIABILITY 1)."""
+(docs/reliability.md, case 1)."""
 
 from __future__ import annotations
 

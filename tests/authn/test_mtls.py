@@ -1,4 +1,4 @@
-"""Client-certificate authentication (RELIABILITY 2)."""
+"""Client-certificate authentication (docs/reliability.md, case 2)."""
 
 from __future__ import annotations
 

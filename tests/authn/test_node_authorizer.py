@@ -1,4 +1,4 @@
-"""Impersonation by a trusted node agent (RELIABILITY 6), with pod facts
+"""Impersonation by a trusted node agent (docs/reliability.md, case 6), with pod facts
 from a file."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OIDC JWTs verified against a JWKS served over real HTTPS (RELIABILITY 4)."""
+"""OIDC JWTs verified against a JWKS served over real HTTPS (docs/reliability.md, case 4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Kubernetes TokenReview against a real HTTPS server speaking the
-authentication.k8s.io/v1 API (RELIABILITY 1, 3)."""
+authentication.k8s.io/v1 API (docs/reliability.md, case 1, 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""x-forwarded-client-cert (RELIABILITY 5)."""
+"""x-forwarded-client-cert (docs/reliability.md, case 5)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from fastca.ca.init import InitOptions, init_ca
-from fastca.ca.material import load_ca
+from fastca.ca.material import check_ca
 from fastca.errors import ConfigurationError
 from tests._tools import tool
 from tests.conftest import AGENT_CSRS, VECTORS, run_fastca
@@ -186,7 +186,7 @@ def test_existing_hsm_key_is_found_not_regenerated(softhsm_token, tmp_path):
     assert root_a.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
         == root_b.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert first.signer.key_uri == str(uri)
-    load_ca(tmp_path / "a").close()
+    check_ca(tmp_path / "a")
 
 
 def test_unknown_key_type_rejected_before_anything_is_written(tmp_path):

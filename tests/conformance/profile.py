@@ -1,4 +1,4 @@
-"""CERT-PROFILE.md as executable checks on a certificate's DER.
+"""docs/cert-profile.md as executable checks on a certificate's DER.
 
 Written against asn1crypto's view of the bytes (not fastca's parser, not
 cryptography's): a third reading of what was issued.

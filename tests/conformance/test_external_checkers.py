@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fastca.ca.material import validate_material
-from fastca.config import IssuanceConfig
-from fastca.pipeline.issuer import IssueRequest, Issuer
+from fastca.authority import IssueRequest
 from fastca.signing.software import SoftwareSigner
 from tests._tools import tool as tool_path
+from tests.authority._support import Issuing
 from tests.conftest import VECTORS, agent_csrs, token_ca
 from tests.conformance.profile import check_workload_certificate
 
@@ -67,7 +67,7 @@ def ca(request, softhsm_token, ca_tmp):
 @pytest.mark.parametrize("kind", CSR_KINDS)
 def test_issued_certificates_pass_every_checker(ca, kind, tmp_path):
     material, signer, root_pem, ours = ca
-    issuer = Issuer(material, signer, IssuanceConfig())
+    issuer = Issuing(material, signer, tmp_path)
     strict = ["-x509_strict"] if ours else []
     for agent in agent_csrs(kind):
         issued = issuer.issue(IssueRequest(agent.pem, agent.spiffe_id))
@@ -128,9 +128,9 @@ def _reference_tbs(issued_der: bytes, csr: x509.CertificateSigningRequest, mater
 
 
 @pytest.mark.parametrize("kind", CSR_KINDS)
-def test_tbs_matches_pyca_certificate_builder(ca, kind):
+def test_tbs_matches_pyca_certificate_builder(ca, kind, tmp_path):
     material, signer, _, _ = ca
-    issuer = Issuer(material, signer, IssuanceConfig())
+    issuer = Issuing(material, signer, tmp_path)
     agent = agent_csrs(kind)[0]
     issued = issuer.issue(IssueRequest(agent.pem, agent.spiffe_id))
     ours = asn1_x509.Certificate.load(issued.der)["tbs_certificate"]

@@ -1,5 +1,5 @@
 """An Istio-agent-style client: what pilot-agent sends, byte for byte where it
-matters (ISTIO-CONTRACT.md §2): TLS with the mesh root, server name from
+matters (docs/istio-contract.md): TLS with the mesh root, server name from
 CA_ADDR, `authorization: Bearer`, `clusterid`, the CSR as PEM text,
 validity_duration and a metadata Struct with CertSigner."""
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import struct_pb2
 
-from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
+from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
 
 
 @dataclass

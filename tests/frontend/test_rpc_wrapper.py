@@ -10,21 +10,18 @@ import grpc
 import pytest
 
 from fastca.authn.chain import AuthenticatorChain
-from fastca.config import PolicyConfig
 from fastca.errors import InvalidRequest
 from fastca.frontend.istio_ca import IssuanceService
 from fastca.observability.logging import current_request_id
 from fastca.observability.metrics import Metrics
-from fastca.policy.request import RequestPolicy
 
 SECRET_DETAIL = "internal detail that must not reach the client"
 
 
 async def _call(behaviour: str) -> tuple[grpc.StatusCode, str, Metrics, list[str | None]]:
     metrics = Metrics()
-    service = IssuanceService(trust_domain="cluster.local", authenticators=AuthenticatorChain([]),
-                              node_authorizer=None, policy=RequestPolicy(PolicyConfig()), signers={},
-                              default_signer="default", metrics=metrics)
+    # The wrapper never reaches an Authority: none is needed here.
+    service = IssuanceService(authenticators=AuthenticatorChain([]), authorities=None, metrics=metrics)
     seen_ids: list[str | None] = []
 
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

@@ -1,5 +1,5 @@
 """A real `fastca serve` (SoftHSM key, TLS on loopback) driven the way Istio
-agents drive istiod's CA. ISTIO-CONTRACT.md §1–§4 and §7; RELIABILITY 1–7, 12–13."""
+agents drive istiod's CA. docs/istio-contract.md and §7; docs/reliability.md, cases 1–7, 12–13."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_rejected_token_is_unauthenticated(mesh):
 
 
 def test_unauthenticated_garbage_csr_is_not_parsed(mesh):
-    """RELIABILITY 1: without credentials the answer is UNAUTHENTICATED even for a CSR that is garbage."""
+    """docs/reliability.md, case 1: without credentials the answer is UNAUTHENTICATED even for a CSR that is garbage."""
     code, _ = _code(lambda: client(mesh, token=None).create_certificate("garbage"))
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
@@ -389,7 +389,7 @@ def test_agent_keepalive_pings_are_accepted(mesh):
 
 
 def _bulk(mesh, token: str, elements: list) -> list:
-    from fastca.frontend._proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2
+    from fastca.proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2
 
     requests = []
     for csr, impersonate in elements:

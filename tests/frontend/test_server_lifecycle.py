@@ -1,6 +1,6 @@
 """Stopping the server: SIGKILL loses no audit record of a certificate that
 was returned; SIGTERM finishes in-flight calls and exits cleanly
-(RELIABILITY 27–28)."""
+(docs/reliability.md, cases 27–28)."""
 
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def test_environment_overrides_the_file(plain):
 def test_bulk_rpc_issues_many_with_per_element_status(plain):
     from google.protobuf import struct_pb2
 
-    from fastca.frontend._proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2
+    from fastca.proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2
 
     identity = "spiffe://cluster.local/ns/bulk/sa/renewer"
     metadata = struct_pb2.Struct()

@@ -18,13 +18,14 @@ from grpc_health.v1 import health_pb2
 
 from fastca.audit.sqlite_log import SqliteAuditLog
 from fastca.authn.chain import AuthenticatorChain
+from fastca.authority import Authorities, Authority
+from fastca.clock import SYSTEM_CLOCK
 from fastca.config import CAConfig, IssuanceConfig
 from fastca.errors import CANotReady
-from fastca.frontend.server import CAServer, ServedSigner
+from fastca.frontend.server import CAServer
 from fastca.observability.metrics import Metrics
-from fastca.pipeline.batcher import Batcher
-from fastca.pipeline.issuer import Issuer
 from tests.authn.apikey_plugin import ApiKeyAuthenticator
+from tests.authority._support import admission
 from tests.conftest import agent_csrs
 from tests.frontend.agent_client import AgentClient
 
@@ -41,6 +42,9 @@ class FaultySigner:
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
+
+    def close(self) -> None:
+        pass       # the session's CA owns the real signer
 
     def sign_many(self, data):
         if self.gate is not None:
@@ -68,22 +72,22 @@ class LoopThread:
 
 
 @contextlib.contextmanager
-def _serving(ca, state, **server_settings):
-    """A CAServer whose default signer is the SoftHSM CA wrapped in FaultySigner."""
+def _serving(ca, state, clock=SYSTEM_CLOCK, **server_settings):
+    """A CAServer whose default Authority signs with the SoftHSM CA wrapped in FaultySigner."""
     signer = FaultySigner(ca.signer)
     material = ca.material
     config = CAConfig.from_mapping({"server": {"listen": "127.0.0.1:0", "metrics_listen": None,
                                                **server_settings}})
     executor = ThreadPoolExecutor(2)
-    issuer = Issuer(material, signer, IssuanceConfig())
     audit = SqliteAuditLog(state / "audit.db")
-    batcher = Batcher(issuer, executor, max_batch=2, max_delay_s=0.0002, queue_limit=config.server.queue_limit,
-                      audit=audit)
+    authority = Authority("default", material, signer, issuance=IssuanceConfig(), admission=admission(),
+                          audit=audit, clock=clock, executor=executor, batch_max=2, batch_delay_s=0.0002,
+                          queue_limit=config.server.queue_limit)
     authenticators = AuthenticatorChain([ApiKeyAuthenticator(
         {hashlib.sha256(API_KEY.encode()).hexdigest(): "spiffe://cluster.local/ns/faults/sa/test"})])
-    server = CAServer(config, signers={"default": ServedSigner("default", material, issuer, batcher, lambda: None)},
+    server = CAServer(config, authorities=Authorities([authority], "default"),
                       authenticators=authenticators, node_authorizer=None,
-                      audit=audit, metrics=Metrics(), executor=executor)
+                      audit=audit, metrics=Metrics(), executor=executor, clock=clock)
     loop = LoopThread()
     loop.run(server.start())
     client = AgentClient(f"localhost:{server.ports['grpc']}", material.root_bundle_pem.encode(),
@@ -183,3 +187,28 @@ def test_concurrent_call_bound_refuses_before_the_handler(ec_token_ca, tmp_path)
         results = _stuck_calls(client, signer, 9, 6)
         assert sorted(results) == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 6
         assert len(client.create_certificate(agent_csrs()[1].pem)) == 2     # serving normally again
+
+
+def test_a_ca_outside_its_validity_is_failed_precondition(ec_token_ca, tmp_path):
+    """The server's one clock, injected: before the CA's NotBefore and after
+    its NotAfter every call gets FAILED_PRECONDITION with the reason (and no
+    certificate that could not verify); in between, certificates."""
+    import datetime as dt
+
+    from fastca.clock import ManualClock
+
+    root = ec_token_ca.material.signing_cert
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
+    with _serving(ec_token_ca, tmp_path, clock=clock) as (server, signer, client, loop):
+        assert len(client.create_certificate(agent_csrs()[2].pem)) == 2
+        for moment, reason in ((root.not_valid_before_utc - dt.timedelta(days=1), "not valid"),
+                               (root.not_valid_after_utc + dt.timedelta(seconds=1), "not valid")):
+            clock.set(moment)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.create_certificate(agent_csrs()[2].pem)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert reason in refused.value.details()
+            assert loop.run(server.probe()) is False
+        clock.set(root.not_valid_before_utc + dt.timedelta(days=1))
+        assert len(client.create_certificate(agent_csrs()[2].pem)) == 2
+        assert loop.run(server.probe()) is True

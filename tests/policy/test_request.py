@@ -4,6 +4,7 @@ import ipaddress
 import pytest
 
 from fastca.authn.caller import Caller
+from fastca.clock import ManualClock
 from fastca.config import PolicyConfig
 from fastca.errors import AuthenticationFailed, Overloaded, PolicyDenied
 from fastca.policy.request import RequestPolicy, spiffe_identity_of
@@ -20,15 +21,15 @@ def test_identity_is_the_one_spiffe_id_of_the_trust_domain():
 
 
 def test_rate_limit_is_per_identity_and_refills():
-    now = [100.0]
+    clock = ManualClock(100.0)
     policy = RequestPolicy(PolicyConfig.model_validate({"rate_limit": {"per_identity_per_second": 2, "burst": 3}}),
-                           monotonic=lambda: now[0])
+                           clock=clock)
     for _ in range(3):
         policy.check(ID, LOOPBACK)
     with pytest.raises(Overloaded):
         policy.check(ID, LOOPBACK)
     policy.check(ID + "x", LOOPBACK)          # another identity has its own bucket
-    now[0] += 0.5                              # one token back
+    clock.advance(0.5)                         # one token back
     policy.check(ID, LOOPBACK)
     with pytest.raises(Overloaded):
         policy.check(ID, LOOPBACK)
@@ -47,7 +48,7 @@ def test_time_window(hour, allowed):
     moment = dt.datetime(2026, 11, 25, hour, 30, tzinfo=dt.timezone.utc).timestamp()
     policy = RequestPolicy(PolicyConfig.model_validate(
         {"time_windows": [{"identities": ["spiffe://cluster.local/ns/shop/*"], "start": "09:00", "end": "17:00"}]}),
-        clock=lambda: moment)
+        clock=ManualClock(moment))
     if allowed:
         policy.check(ID, LOOPBACK)
     else:
@@ -60,9 +61,9 @@ def test_time_window_across_midnight():
     late = dt.datetime(2026, 11, 25, 23, 30, tzinfo=dt.timezone.utc).timestamp()
     noon = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc).timestamp()
     config = PolicyConfig.model_validate({"time_windows": [{"identities": ["*"], "start": "22:00", "end": "02:00"}]})
-    RequestPolicy(config, clock=lambda: late).check(ID, LOOPBACK)
+    RequestPolicy(config, clock=ManualClock(late)).check(ID, LOOPBACK)
     with pytest.raises(PolicyDenied):
-        RequestPolicy(config, clock=lambda: noon).check(ID, LOOPBACK)
+        RequestPolicy(config, clock=ManualClock(noon)).check(ID, LOOPBACK)
 
 
 def test_source_network():

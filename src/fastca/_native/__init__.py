@@ -1,8 +1,8 @@
-"""fastca's private native core; the typed surface is __init__.pyi."""
+"""fastca's private native core: what the Authority uses. The typed surface
+is __init__.pyi; entry points only tests and fuzz targets use are in
+``fastca._native.testing``."""
 
-from .asn1 import MAX_DER_DEPTH, walk_der
-from .csr import MAX_CSR_BYTES, CsrInfo, load_csr_der, parse_csr, verify_csr
-from .der import DerWriter
+from .csr import CsrInfo
 from .errors import (
     E_CSR_ALGORITHM,
     E_CSR_ENCODING,
@@ -14,16 +14,9 @@ from .errors import (
     E_SIGNATURE,
     NativeError,
 )
+from .leafcheck import check_issued_batch
 from .pem import pem_encode
-from .san import validate_dns_name, validate_ip, validate_spiffe_id
-from .tbs import (
-    IssuerProfile,
-    LeafSpec,
-    PreparedLeaf,
-    assemble_batch,
-    ecdsa_raw_to_der,
-    prepare_batch,
-)
+from .tbs import IssuerProfile, LeafSpec, PreparedLeaf, assemble_batch, prepare_batch
 
 __all__ = [
     "E_CSR_ALGORITHM",
@@ -34,23 +27,13 @@ __all__ = [
     "E_IDENTITY",
     "E_INTERNAL",
     "E_SIGNATURE",
-    "MAX_CSR_BYTES",
-    "MAX_DER_DEPTH",
     "CsrInfo",
-    "DerWriter",
     "IssuerProfile",
     "LeafSpec",
     "NativeError",
     "PreparedLeaf",
     "assemble_batch",
-    "ecdsa_raw_to_der",
-    "load_csr_der",
-    "parse_csr",
+    "check_issued_batch",
     "pem_encode",
     "prepare_batch",
-    "validate_dns_name",
-    "validate_ip",
-    "validate_spiffe_id",
-    "verify_csr",
-    "walk_der",
 ]

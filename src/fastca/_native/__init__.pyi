@@ -1,6 +1,7 @@
 """Typed surface of fastca's private native core.
 
-Nothing but ``fastca.pipeline.issuer`` imports this package (tests excepted).
+Nothing but ``fastca.authority`` imports this package (tests excepted);
+entry points for tests and fuzz targets only are typed in testing.pyi.
 Every function that works on many items returns, per item, either its result
 or a ``NativeError`` instance, so one bad request never fails its batch-mates.
 """
@@ -18,8 +19,6 @@ E_IDENTITY: Final[str]          # "identity": SPIFFE ID / DNS / IP SAN invalid
 E_SIGNATURE: Final[str]         # "signature": CA signature did not verify (faulty signer)
 E_INTERNAL: Final[str]          # "internal": anything else
 
-MAX_CSR_BYTES: Final[int]       # default input cap (65536)
-MAX_DER_DEPTH: Final[int]       # nesting depth cap (32)
 
 class NativeError(ValueError):
     code: str
@@ -43,24 +42,6 @@ class CsrInfo:
     ip_addresses: list[bytes]
     emails: list[str]
     requested_extensions: list[str] # dotted OIDs of every requested extension
-
-def load_csr_der(data: bytes, max_size: int = ...) -> bytes:
-    """PEM (exactly one CERTIFICATE REQUEST block, nothing else but
-    whitespace) or DER in; strict DER of one CertificationRequest out.
-    Raises NativeError(E_CSR_ENCODING | E_CSR_MALFORMED)."""
-
-def parse_csr(data: bytes, max_size: int = ...) -> CsrInfo:
-    """Strict parse + key classification (RSA 2048..8192 with e=65537, EC
-    P-256/P-384 by named-curve OID only; explicit parameters rejected).
-    Does not verify the signature. Raises NativeError."""
-
-def verify_csr(data: bytes, max_size: int = ...) -> CsrInfo:
-    """parse_csr + proof of possession (the CSR self-signature verified with
-    its own key via libcrypto; point-on-curve checked). Raises NativeError."""
-
-def validate_spiffe_id(uri: str | bytes) -> None: ...
-def validate_dns_name(name: str | bytes, allow_wildcard: bool = False) -> None: ...
-def validate_ip(address: bytes) -> None: ...
 
 class IssuerProfile:
     """Everything about the signing CA that is the same for every leaf,
@@ -110,27 +91,15 @@ def assemble_batch(
     with the CA public key over the TBS, then Certificate DER built.
     A signature that does not verify yields NativeError(E_SIGNATURE)."""
 
-def ecdsa_raw_to_der(raw: bytes) -> bytes: ...
+def check_issued_batch(
+    profile: IssuerProfile,
+    certificates: Sequence[bytes],
+    specs: Sequence[LeafSpec],
+    csrs: Sequence[CsrInfo],
+) -> list[NativeError | None]:
+    """The post-issuance profile check: per certificate, None if the strict
+    DER reader finds exactly what its spec asked for (the verified CSR's key,
+    the authorised names, the drawn serial and window) under the profile,
+    else NativeError(E_INTERNAL). Runs without the GIL."""
+
 def pem_encode(der: bytes, label: str = "CERTIFICATE") -> str: ...
-
-class DerWriter:
-    """The growable buffer with back-patched lengths, exposed for tests
-    and the fuzz targets."""
-    def __init__(self, initial_capacity: int = 256) -> None: ...
-    def begin(self, tag: int) -> None: ...          # open a constructed element
-    def end(self) -> None: ...                      # close it, back-patching its length
-    def primitive(self, tag: int, content: bytes) -> None: ...
-    def raw(self, encoded: bytes) -> None: ...      # pre-encoded TLV bytes
-    def integer(self, value: bytes) -> None: ...    # unsigned big-endian magnitude -> minimal DER INTEGER
-    def oid(self, dotted: str) -> None: ...
-    def utc_or_generalized_time(self, unix_seconds: int) -> None: ...
-    def getvalue(self) -> bytes: ...
-    def __len__(self) -> int: ...
-
-def walk_der(data: bytes) -> list[tuple[int, int, bytes | None]]:
-    """The strict DER reader's view of one element: every TLV in pre-order as
-    (depth, tag, content), content None for constructed elements. Raises
-    NativeError(E_CSR_MALFORMED) on anything that is not strict DER
-    (indefinite or non-minimal lengths, lengths past the data or >= 4 GiB,
-    nesting deeper than MAX_DER_DEPTH, trailing data, non-DER BOOLEAN /
-    INTEGER / NULL / BIT STRING / OID encodings). For tests and fuzzing."""

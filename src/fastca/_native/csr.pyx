@@ -1,11 +1,10 @@
-"""PKCS#10 CSR acceptance (CERT-PROFILE.md "CSR acceptance").
+"""PKCS#10 CSR acceptance (docs/cert-profile.md "CSR acceptance").
 
 Proof of possession uses libcrypto's legacy RSA/EC_KEY functions on keys
-built from the parsed SPKI; on OpenSSL 3.0 (this machine) measured per key:
-d2i_PUBKEY 107 us (RSA-2048) / 90 us (P-256), EVP_PKEY_fromdata 5 / 17 us,
-RSA_new + RSA_set0_key 0.3 us, EC_KEY_set_group(shared group) +
-EC_KEY_oct2key 1.9 us. Only the curve groups are shared: they are constants,
-creating one costs 10 us, and EC_KEY_set_group copies it.
+built from the parsed SPKI: on OpenSSL 3.0, d2i_PUBKEY goes through the
+provider decoder chain and costs far more per key than setting the numbers
+directly (figures in bench/RESULTS.md). Only the curve groups are shared:
+they are constants, expensive to create, and EC_KEY_set_group copies them.
 """
 
 from libc.stdio cimport snprintf

@@ -1,7 +1,6 @@
 # The slice of libcrypto the native core calls. The legacy RSA/EC_KEY
 # functions are deliberate: on OpenSSL 3.0 d2i_PUBKEY goes through the
-# provider decoder chain and costs ~100 us per key, while RSA_set0_key is
-# ~0.3 us and EC_KEY_set_group + EC_KEY_oct2key ~2 us (measured, see csr.pyx).
+# provider decoder chain, far dearer per key than setting the numbers (csr.pyx).
 
 cdef extern from "openssl/rsa.h" nogil:
     ctypedef struct RSA:

@@ -1,4 +1,4 @@
-"""SPIFFE ID, DNS name and IP address rules of CERT-PROFILE.md."""
+"""SPIFFE ID, DNS name and IP address rules of docs/cert-profile.md."""
 
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp

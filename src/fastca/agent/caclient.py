@@ -1,7 +1,7 @@
 """The agent's side of ``IstioCertificateService/CreateCertificate``
-(ISTIO-CONTRACT.md §1–§2): what pilot-agent sends, its retry rule, and the
+(docs/istio-contract.md): what pilot-agent sends, its retry rule, and the
 checks made on a response before anything is cached or pushed to Envoy
-(RELIABILITY 31).
+(docs/reliability.md, case 31).
 
 Errors: ``CAClientError`` is the base; ``CARequestFailed`` carries the final
 gRPC status of a call (after retries); ``InvalidCAResponse`` means the CA
@@ -19,12 +19,12 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf import struct_pb2
 
 from fastca.agent.events import emit
-from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
+from fastca.chain.verify import ChainInvalid, verify_chain
+from fastca.keys import spki_der
+from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
 
 __all__ = ["CAClient", "CAClientError", "CARequestFailed", "InvalidCAResponse", "RETRYABLE_CODES",
            "validate_response", "EventCallback"]
@@ -213,29 +213,12 @@ class CAClient:
         await self.close()
 
 
-# -- response checks (RELIABILITY 31) ---------------------------------------------------------------------------
-def _spki(key: Any) -> bytes:
-    """SubjectPublicKeyInfo DER of a certificate, a private key or a public key."""
-    public = key.public_key() if isinstance(key, (x509.Certificate, rsa.RSAPrivateKey,
-                                                  ec.EllipticCurvePrivateKey)) else key
-    return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
+# -- response checks (docs/reliability.md, case 31) ----------------------------------------------------------
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return False
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    if not _is_ca(parent):
-        return False
-    try:
-        child.verify_directly_issued_by(parent)
-    except Exception:           # name mismatch, bad signature, unsupported algorithm
-        return False
-    return True
 
 
 def _valid_at(cert: x509.Certificate, now: dt.datetime) -> bool:
@@ -279,7 +262,7 @@ def _validate(chain: list[str], key: Any, expected_spiffe_id: str,
     roots = parsed[-1]
     when = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
 
-    if _spki(leaf) != _spki(key):
+    if spki_der(leaf) != spki_der(key):
         raise InvalidCAResponse("the leaf's public key is not the key the CSR was made with")
     try:
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -296,15 +279,13 @@ def _validate(chain: list[str], key: Any, expected_spiffe_id: str,
         raise InvalidCAResponse(f"the leaf is not valid now (valid {leaf.not_valid_before_utc.isoformat()} "
                                 f"to {leaf.not_valid_after_utc.isoformat()})")
 
-    current = leaf
+    try:
+        path = verify_chain(leaf, middles, roots, at=when)
+    except ChainInvalid as error:
+        raise InvalidCAResponse(f"the chain does not verify to a root in the CA's root bundle: {error}") from None
+    # Istio's layout: the middle elements are the path itself, leaf-side first.
     for depth, middle in enumerate(middles, start=1):
-        if not _issued_by(current, middle):
-            raise InvalidCAResponse(f"chain element {depth} did not issue element {depth - 1}")
-        if not _valid_at(middle, when):
-            raise InvalidCAResponse(f"chain element {depth} is not valid now")
-        current = middle
-    anchored = any(current == root for root in roots) or any(
-        _issued_by(current, root) and _valid_at(root, when) for root in roots)
-    if not anchored:
-        raise InvalidCAResponse("the chain does not verify to a root in the CA's root bundle")
+        if depth >= len(path) or path[depth] != middle:
+            raise InvalidCAResponse(f"chain element {depth} did not issue element {depth - 1} (the middle "
+                                    "elements must be the path from the leaf to the root, in order)")
     return leaf, chain[-1]

@@ -1,4 +1,4 @@
-"""Keys and CSRs made the way Istio's agent makes them (ISTIO-CONTRACT.md §2),
+"""Keys and CSRs made the way Istio's agent makes them (docs/istio-contract.md),
 byte layout matching Go's crypto/x509 output: the subject is one empty
 ``O=`` attribute as a PrintableString, the only requested extension is a
 critical SAN holding one URI (the SPIFFE ID), no CN. Go signs with SHA-256

@@ -1,4 +1,4 @@
-"""File-mounted certificates (ISTIO-CONTRACT.md §6, RELIABILITY 33) and the
+"""File-mounted certificates (docs/istio-contract.md, docs/reliability.md, case 33) and the
 writer for the agent's own output directory.
 
 A pair is served only when the chain parses, the key parses and the key is
@@ -24,8 +24,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fastca.agent.events import emit
-from fastca.agent.secrets import (FILE_CERT_PREFIX, FILE_ROOT_PREFIX, ROOT_CERT, WORKLOAD_CERT, SecretItem,
-                                  SecretUnavailable)
+from fastca.agent.secrets import (
+    FILE_CERT_PREFIX,
+    FILE_ROOT_PREFIX,
+    ROOT_CERT,
+    WORKLOAD_CERT,
+    SecretItem,
+    SecretUnavailable,
+)
+from fastca.keys import spki_der
 
 __all__ = ["FileCertificates", "FileRoot", "FileReader", "file_reader", "FileSecrets", "MountedDirectory",
            "write_output", "fingerprint", "KEY_FILE", "CHAIN_FILE", "ROOT_FILE"]
@@ -104,8 +111,7 @@ class FileCertificates:
         except (ValueError, TypeError):
             raise SecretUnavailable(f"the private key file {self.key_path} does not hold an unencrypted "
                                     f"PEM private key") from None
-        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if key.public_key().public_bytes(*spki) != certs[0].public_key().public_bytes(*spki):
+        if spki_der(key) != spki_der(certs[0]):
             raise SecretUnavailable(f"the private key in {self.key_path} does not match the leaf certificate "
                                     f"in {self.cert_path}")
         return SecretItem(name=name, version=_digest(chain_pem, key_pem), certificate_chain=chain_pem,

@@ -1,6 +1,6 @@
 """The CA-backed ``SecretSource``: a fresh key and CSR per certificate, the
 CA's answer checked before use, one certificate cached, renewed in the
-background before it expires (ISTIO-CONTRACT.md §6, RELIABILITY 29–33).
+background before it expires (docs/istio-contract.md, docs/reliability.md, cases 29–33).
 
 - ``default`` is fetched on the first ``get`` and whenever it is due; concurrent
   callers share one CSR (single flight). ``ROOTCA`` is the last element of the

@@ -1,5 +1,5 @@
 """The agent's metrics: Istio's agent names exactly as istio-agent exports
-them (no ``_total``; see ISTIO-CONTRACT.md §7), and ``fastca_agent_*``.
+them (no ``_total``; see docs/istio-contract.md), and ``fastca_agent_*``.
 
 Same approach as the server's metrics: an own registry, Istio's names from a
 custom collector as untyped series, label values limited to resource names

@@ -1,5 +1,5 @@
-"""When to renew, and how long to wait after a failure (RELIABILITY 29–30,
-ISTIO-CONTRACT.md §6).
+"""When to renew, and how long to wait after a failure (docs/reliability.md, cases 29–30,
+docs/istio-contract.md).
 
 Renewal happens at ``not_after − ratio' × (not_after − received)`` where
 ``received`` is when the agent got the certificate (the CA backdates

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from fastca.pipeline.issuer import IssuedCertificate
+__all__ = ["IssuanceContext", "IssuanceRecord", "IssuedFacts", "normalize_serial"]
 
-__all__ = ["IssuanceContext", "IssuanceRecord", "normalize_serial"]
+
+class IssuedFacts(Protocol):
+    """What a record takes from an issued certificate (the Authority's IssuedCertificate)."""
+
+    serial: int
+    identity: str
+    key_type: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    fingerprint_sha256: str
 
 
 def normalize_serial(serial: str | int) -> str:
@@ -85,20 +93,20 @@ class IssuanceRecord:
         set_(self, "impersonated", bool(self.impersonated))
 
     @classmethod
-    def from_issued(cls, issued: IssuedCertificate, *, caller_identities: tuple[str, ...] | list[str],
+    def from_issued(cls, issued: IssuedFacts, *, caller_identities: tuple[str, ...] | list[str],
                     credential_type: str, signer: str, peer: str, request_id: str,
                     impersonated: bool = False, cluster_id: str = "",
-                    issued_at: dt.datetime | None = None) -> IssuanceRecord:
+                    issued_at: dt.datetime) -> IssuanceRecord:
         """The record of a certificate the issuer just made."""
         return cls(serial=f"{issued.serial:x}", identity=issued.identity,
                    caller_identities=tuple(caller_identities), credential_type=credential_type,
                    key_type=issued.key_type, not_before=issued.not_before, not_after=issued.not_after,
                    signer=signer, fingerprint_sha256=issued.fingerprint_sha256, peer=peer,
-                   request_id=request_id, issued_at=issued_at or dt.datetime.now(dt.timezone.utc),
+                   request_id=request_id, issued_at=issued_at,
                    impersonated=impersonated, cluster_id=cluster_id)
 
     @classmethod
-    def of(cls, issued: IssuedCertificate, context: IssuanceContext, issued_at: dt.datetime) -> IssuanceRecord:
+    def of(cls, issued: IssuedFacts, context: IssuanceContext, issued_at: dt.datetime) -> IssuanceRecord:
         """The record of ``issued``, made for the request ``context`` describes."""
         return cls.from_issued(issued, caller_identities=context.caller_identities,
                                credential_type=context.credential_type, signer=context.signer, peer=context.peer,

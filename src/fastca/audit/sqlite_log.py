@@ -97,7 +97,7 @@ _json_string = json.encoder.encode_basestring_ascii   # type: ignore[attr-define
 
 
 def _row(record: IssuanceRecord) -> tuple[Any, ...]:
-    # Built on the writer thread for every record: kept cheap (~4 µs).
+    # Built on the writer thread for every record: kept cheap.
     return (record.serial, record.identity, "[" + ",".join(map(_json_string, record.caller_identities)) + "]",
             record.credential_type, record.key_type, _ts(record.not_before), _ts(record.not_after),
             record.signer, record.fingerprint_sha256, record.peer, record.request_id,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fastca.clock import SYSTEM_CLOCK, Clock
 from fastca.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -246,10 +247,11 @@ def _resolved_cluster(cluster: TokenReviewCluster, base_dir: Path | None) -> Tok
 def build_authenticators(config: AuthnConfig, *, trust_domain: str,
                          roots: Sequence[x509.Certificate] | Any,
                          intermediates: Sequence[x509.Certificate] = (),
-                         base_dir: Path | None = None) -> AuthenticatorChain:
+                         base_dir: Path | None = None, clock: Clock = SYSTEM_CLOCK) -> AuthenticatorChain:
     """The chain in ``config.order`` (plug-ins not named there appended).
     ``roots`` is the list of mesh roots or a zero-argument callable returning
-    the current ones (so a root rotation needs no rebuild)."""
+    the current ones (so a root rotation needs no rebuild). Token expiry and
+    cache ages are judged by ``clock``."""
     from fastca.authn.chain import AuthenticatorChain
     from fastca.authn.k8s_tokenreview import TokenReviewAuthenticator
     from fastca.authn.mtls import MtlsAuthenticator
@@ -268,12 +270,14 @@ def build_authenticators(config: AuthnConfig, *, trust_domain: str,
             for provider in config.oidc:
                 provider = provider.model_copy(update={"jwks_file": _resolve(provider.jwks_file, base_dir),
                                                        "jwks_ca_file": _resolve(provider.jwks_ca_file, base_dir)})
-                authenticators.append(OidcAuthenticator(provider, trust_domain=trust_domain))
+                authenticators.append(OidcAuthenticator(provider, trust_domain=trust_domain, clock=clock.now,
+                                                        jwks_clock=clock.monotonic))
         elif name == "tokenreview":
             if config.tokenreview:
                 authenticators.append(TokenReviewAuthenticator(
                     [_resolved_cluster(c, base_dir) for c in config.tokenreview], trust_domain=trust_domain,
-                    cache_size=config.tokenreview_cache.size, cache_ttl=config.tokenreview_cache.ttl_seconds))
+                    cache_size=config.tokenreview_cache.size, cache_ttl=config.tokenreview_cache.ttl_seconds,
+                    clock=clock.now))
         elif name == "xfcc":
             if config.xfcc.trusted_cidrs:
                 authenticators.append(XfccAuthenticator(config.xfcc.trusted_cidrs,

@@ -16,10 +16,10 @@ from asn1crypto import csr as asn1_csr
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from fastca.errors import SigningFailed
+from fastca.keys import spki_der
 from fastca.signing.base import Signer
 
 __all__ = ["self_signed_root", "ca_csr", "DEFAULT_ROOT_LIFETIME"]
@@ -35,11 +35,6 @@ def _signature_value(signer: Signer, data: bytes) -> bytes:
         signature = encode_dss_signature(int.from_bytes(signature[:half], "big"),
                                          int.from_bytes(signature[half:], "big"))
     return signature
-
-
-def _spki_der(signer: Signer) -> bytes:
-    return signer.public_key.public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _ca_name(trust_domain: str, common_name: str | None) -> asn1_x509.Name:
@@ -62,7 +57,7 @@ def _ca_extensions(signer: Signer) -> list[dict]:
 def self_signed_root(signer: Signer, trust_domain: str, *, now: dt.datetime,
                      lifetime: dt.timedelta = DEFAULT_ROOT_LIFETIME,
                      common_name: str | None = None) -> x509.Certificate:
-    """A root per CERT-PROFILE.md: subject O=<trust domain>, CA:TRUE and
+    """A root per docs/cert-profile.md: subject O=<trust domain>, CA:TRUE and
     keyCertSign/cRLSign critical, SKI; signed by the signer and checked."""
     name = _ca_name(trust_domain, common_name)
     algorithm = algos.SignedDigestAlgorithm.load(signer.algorithm_identifier)
@@ -73,7 +68,7 @@ def self_signed_root(signer: Signer, trust_domain: str, *, now: dt.datetime,
         "issuer": name,
         "validity": {"not_before": _time(now - _BACKDATE), "not_after": _time(now + lifetime)},
         "subject": name,
-        "subject_public_key_info": keys.PublicKeyInfo.load(_spki_der(signer)),
+        "subject_public_key_info": keys.PublicKeyInfo.load(spki_der(signer.public_key)),
         "extensions": _ca_extensions(signer),
     })
     tbs_der = tbs.dump()
@@ -105,7 +100,7 @@ def ca_csr(signer: Signer, trust_domain: str, common_name: str | None = None) ->
     info = asn1_csr.CertificationRequestInfo({
         "version": "v1",
         "subject": _ca_name(trust_domain, common_name),
-        "subject_pk_info": keys.PublicKeyInfo.load(_spki_der(signer)),
+        "subject_pk_info": keys.PublicKeyInfo.load(spki_der(signer.public_key)),
         "attributes": [{"type": "extension_request", "values": [extensions]}],
     })
     request = asn1_csr.CertificationRequest({

@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fastca.ca import hsm, softhsm
 from fastca.ca.certificates import ca_csr, self_signed_root
-from fastca.ca.material import (load_ca, load_pem_certificates, open_signer, validate_material)
+from fastca.ca.material import check_ca, load_pem_certificates, open_signer, validate_material
 from fastca.ca.state import CERT_CHAIN_FILE, CONFIG_FILE, ROOT_CERT_FILE, SIGNING_CERT_FILE
+from fastca.clock import SYSTEM_CLOCK, Clock
 from fastca.config import CAConfig, IssuanceConfig, SignerConfig, write_lifecycle
 from fastca.errors import ConfigurationError
+from fastca.keys import spki_der
 from fastca.signing.pkcs11_uri import Pkcs11Uri
 
 __all__ = ["InitOptions", "init_ca", "install_cert", "EMBEDDED_TOKEN_LABEL", "EMBEDDED_KEY_LABEL"]
@@ -123,15 +125,13 @@ def _load_istio_cacerts(directory: Path) -> tuple[object, list[x509.Certificate]
     signing = load_pem_certificates(directory / cert_file)
     chain = load_pem_certificates(directory / chain_file) if (directory / chain_file).exists() else []
     roots = load_pem_certificates(directory / root_file)
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (key.public_key().public_bytes(serialization.Encoding.DER, pub)
-            != signing[0].public_key().public_bytes(serialization.Encoding.DER, pub)):
+    if spki_der(key) != spki_der(signing[0]):
         raise ConfigurationError(f"{key_file} is not the key of {cert_file}")
     return key, signing, chain, roots
 
 
-def init_ca(state_dir: Path, options: InitOptions, now: dt.datetime | None = None) -> CAConfig:
-    now = now or dt.datetime.now(dt.timezone.utc)
+def init_ca(state_dir: Path, options: InitOptions, clock: Clock = SYSTEM_CLOCK) -> CAConfig:
+    now = clock.utcnow()
     if options.key_type not in hsm.KEY_TYPES:
         raise ConfigurationError(f"unknown key type {options.key_type!r}; choose one of {', '.join(hsm.KEY_TYPES)}")
     imported = _load_istio_cacerts(options.import_istio_cacerts) if options.import_istio_cacerts else None
@@ -139,7 +139,7 @@ def init_ca(state_dir: Path, options: InitOptions, now: dt.datetime | None = Non
         validate_material(imported[1][0], imported[2], imported[3], now)
     _prepare_state_dir(state_dir, options.force)
     try:
-        return _create(state_dir, options, imported, now)
+        return _create(state_dir, options, imported, clock)
     except BaseException:
         # A CA is all or nothing: what this attempt wrote goes, so that the
         # next attempt starts clean (a stray token labelled "fastca" would
@@ -148,7 +148,7 @@ def init_ca(state_dir: Path, options: InitOptions, now: dt.datetime | None = Non
         raise
 
 
-def _create(state_dir: Path, options: InitOptions, imported: tuple | None, now: dt.datetime) -> CAConfig:
+def _create(state_dir: Path, options: InitOptions, imported: tuple | None, clock: Clock) -> CAConfig:
     softhsm_conf: Path | None = None
     if options.software_key:
         signer_config = SignerConfig(backend="software", key_file=_SOFTWARE_KEY_FILE, key_type=options.key_type)
@@ -187,7 +187,7 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, now: 
                 options.csr_out.write_bytes(request.public_bytes(serialization.Encoding.PEM))
                 pending_csr = str(options.csr_out.resolve())
             else:
-                root = self_signed_root(signer, options.trust_domain, now=now,
+                root = self_signed_root(signer, options.trust_domain, now=clock.utcnow(),
                                         lifetime=dt.timedelta(days=options.root_lifetime_days))
                 for name in (SIGNING_CERT_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE):
                     _write_pem(state_dir / name, [root])
@@ -196,14 +196,14 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, now: 
     write_lifecycle(state_dir, trust_domain=options.trust_domain, signer=signer_config,
                     issuance=options.issuance, pending_csr=pending_csr)
     if pending_csr is None:
-        load_ca(state_dir, now).close()  # prove the new CA loads and its key matches
+        check_ca(state_dir, clock)  # prove the new CA loads and its key matches
     return CAConfig.load(state_dir)
 
 
 def install_cert(state_dir: Path, cert: Path, chain: Path | None, root: Path,
-                 now: dt.datetime | None = None) -> CAConfig:
+                 clock: Clock = SYSTEM_CLOCK) -> CAConfig:
     """Finish `init --csr-out`: install the certificate the upstream CA issued."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = clock.utcnow()
     config = CAConfig.load(state_dir)
     signing = load_pem_certificates(cert)
     chain_certs = load_pem_certificates(chain) if chain else []
@@ -211,9 +211,7 @@ def install_cert(state_dir: Path, cert: Path, chain: Path | None, root: Path,
     validate_material(signing[0], chain_certs or signing[1:], roots, now)
     signer = open_signer(config.signer, state_dir)
     try:
-        pub = serialization.PublicFormat.SubjectPublicKeyInfo
-        if (signer.public_key.public_bytes(serialization.Encoding.DER, pub)
-                != signing[0].public_key().public_bytes(serialization.Encoding.DER, pub)):
+        if spki_der(signer.public_key) != spki_der(signing[0]):
             raise ConfigurationError(f"{cert} is not a certificate for this CA's key")
     finally:
         signer.close()
@@ -221,7 +219,7 @@ def install_cert(state_dir: Path, cert: Path, chain: Path | None, root: Path,
     _write_pem(state_dir / CERT_CHAIN_FILE, [signing[0], *(chain_certs or signing[1:])])
     _write_pem(state_dir / ROOT_CERT_FILE, roots)
     write_lifecycle(state_dir, pending_csr=None)
-    load_ca(state_dir, now).close()
+    check_ca(state_dir, clock)
     return CAConfig.load(state_dir)
 
 

@@ -13,15 +13,17 @@ from pathlib import Path
 
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from fastca.ca.state import CERT_CHAIN_FILE, ROOT_CERT_FILE, SIGNING_CERT_FILE
+from fastca.chain.verify import ChainInvalid, verify_chain
+from fastca.clock import SYSTEM_CLOCK, Clock
 from fastca.config import CAConfig, SignerConfig, resolve_path
 from fastca.errors import CANotReady, ConfigurationError
+from fastca.keys import require_key_matches
 from fastca.signing.base import Signer
 
-__all__ = ["CAMaterial", "load_ca_material", "open_signer", "load_pem_certificates", "LoadedCA", "load_ca"]
+__all__ = ["CAMaterial", "check_ca", "load_ca_material", "open_signer", "load_pem_certificates", "validate_material"]
 
 
 def load_pem_certificates(path: Path) -> list[x509.Certificate]:
@@ -38,24 +40,6 @@ def load_pem_certificates(path: Path) -> list[x509.Certificate]:
 
 def _pem(certificate: x509.Certificate) -> str:
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _is_self_signed(certificate: x509.Certificate) -> bool:
-    if certificate.issuer != certificate.subject:
-        return False
-    try:
-        certificate.verify_directly_issued_by(certificate)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -87,6 +71,16 @@ class CAMaterial:
         return self.signing_cert.not_valid_after_utc
 
     @property
+    def valid_from(self) -> dt.datetime:
+        """From when the signing certificate and every intermediate are valid."""
+        return max(c.not_valid_before_utc for c in (self.signing_cert, *self.intermediates))
+
+    @property
+    def valid_until(self) -> dt.datetime:
+        """Until when they all are: no leaf may outlive it."""
+        return min(c.not_valid_after_utc for c in (self.signing_cert, *self.intermediates))
+
+    @property
     def chain_pems(self) -> list[str]:
         """Istio response middle elements: signing cert (when it is not a
         root itself) and intermediates, one PEM each."""
@@ -100,6 +94,12 @@ class CAMaterial:
 
 def validate_material(signing_cert: x509.Certificate, chain: list[x509.Certificate],
                       roots: list[x509.Certificate], now: dt.datetime) -> CAMaterial:
+    """The material, if the signing certificate is an unexpired CA certificate
+    with a path of signatures through ``chain`` to a root of ``roots``.
+
+    A CA that is not valid *yet* loads (its certificates may have been made on
+    a clock slightly ahead): issuance refuses until it is, with a clear
+    error. The path is checked at a moment when all of it is valid."""
     if not roots:
         raise ConfigurationError("the root bundle is empty")
     try:
@@ -110,21 +110,17 @@ def validate_material(signing_cert: x509.Certificate, chain: list[x509.Certifica
         raise ConfigurationError("the signing certificate is not a CA certificate (BasicConstraints CA:TRUE)")
     if signing_cert.not_valid_after_utc <= now:
         raise ConfigurationError(f"the signing certificate expired at {signing_cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
-    intermediates = [c for c in chain if c != signing_cert and c not in roots and not _is_self_signed(c)]
-    # Walk signing cert -> intermediates -> a root: each must be signed by the next.
-    current = signing_cert
-    remaining = list(intermediates)
-    while current not in roots:
-        parent = next((c for c in roots if _issued_by(current, c)), None)
-        if parent is not None:
-            break
-        parent = next((c for c in remaining if _issued_by(current, c)), None)
-        if parent is None:
-            raise ConfigurationError(f"the CA chain is broken: nothing in cert-chain or the root bundle signed "
-                                     f"{current.subject.rfc4514_string()!r}")
-        remaining.remove(parent)
-        current = parent
-    return CAMaterial(signing_cert, tuple(intermediates), tuple(roots))
+    untrusted = [c for c in chain if c != signing_cert and c not in roots]
+    candidates = [signing_cert, *untrusted]
+    latest_start = max(c.not_valid_before_utc for c in candidates)
+    earliest_end = min(c.not_valid_after_utc for c in candidates)
+    at = min(max(now, latest_start), earliest_end - dt.timedelta(seconds=1))
+    try:
+        path = verify_chain(signing_cert, untrusted, roots, at=at)
+    except ChainInvalid as error:
+        raise ConfigurationError(f"the CA chain of {signing_cert.subject.rfc4514_string()!r} does not verify "
+                                 f"to the root bundle: {error}") from None
+    return CAMaterial(signing_cert, tuple(path[1:-1]), tuple(roots))
 
 
 def load_ca_material(state_dir: Path, now: dt.datetime) -> CAMaterial:
@@ -154,29 +150,16 @@ def open_signer(signer: SignerConfig, state_dir: Path) -> Signer:
     raise ConfigurationError(f"unknown signer backend {backend!r} (pkcs11, software)")
 
 
-def _public_der(key: object) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-@dataclass
-class LoadedCA:
-    config: CAConfig
-    material: CAMaterial
-    signer: Signer
-
-    def close(self) -> None:
-        self.signer.close()
-
-
-def load_ca(state_dir: Path, now: dt.datetime | None = None) -> LoadedCA:
+def check_ca(state_dir: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+    """Prove that a state directory's CA loads: its material validates and
+    its signer opens with the signing certificate's key (after `fastca init`)."""
     config = CAConfig.load(state_dir)
     if config.pending_csr is not None:
         raise CANotReady(f"the CA in {state_dir} waits for its certificate: sign {config.pending_csr} "
                          "upstream, then run `fastca init --install-cert`")
-    material = load_ca_material(state_dir, now or dt.datetime.now(dt.timezone.utc))
+    material = load_ca_material(state_dir, clock.utcnow())
     signer = open_signer(config.signer, state_dir)
-    if _public_der(signer.public_key) != _public_der(material.signing_cert.public_key()):
+    try:
+        require_key_matches(signer.public_key, material.signing_cert)
+    finally:
         signer.close()
-        raise ConfigurationError("the signer's key does not match the signing certificate's public key")
-    return LoadedCA(config, material, signer)

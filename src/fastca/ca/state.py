@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fastca.config import CONFIG_FILE
+
 __all__ = ["default_state_dir", "CONFIG_FILE", "SIGNING_CERT_FILE", "CERT_CHAIN_FILE", "ROOT_CERT_FILE"]
 
-CONFIG_FILE = "fastca.toml"
 SIGNING_CERT_FILE = "ca-cert.pem"
 CERT_CHAIN_FILE = "cert-chain.pem"
 ROOT_CERT_FILE = "root-cert.pem"

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from fastca.ca.state import default_state_dir
 from fastca.config import IssuanceConfig
-from fastca.cli import bench_cmd, inspect_cmd
+from fastca.cli import inspect_cmd
 from fastca.cli.audit_cmd import audit_app
 from fastca.errors import ConfigurationError, FastcaError
 
@@ -28,7 +28,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 hsm_app = typer.Typer(no_args_is_help=True, help="Look at PKCS#11 modules and tokens.")
 app.add_typer(hsm_app, name="hsm")
 app.add_typer(audit_app, name="audit")
-bench_cmd.register(app)
 err = Console(stderr=True, emoji=False, soft_wrap=True)
 out = Console(emoji=False)
 
@@ -106,26 +105,27 @@ def issue(
 ) -> None:
     """Issue one workload certificate; prints the chain as Istio returns it."""
     from fastca.audit.config import open_audit_log
-    from fastca.audit.record import IssuanceRecord
-    from fastca.ca.material import load_ca
-    from fastca.pipeline.issuer import IssueRequest, Issuer
+    from fastca.authority import Admission, LocalPrincipal, load_authority
+    from fastca.clock import SYSTEM_CLOCK
+    from fastca.config import CAConfig
+    from fastca.policy.request import RequestPolicy
 
     try:
         data = csr.read_bytes()
     except OSError as exc:
         raise ConfigurationError(f"cannot read {csr}: {exc.strerror}") from None
     state_dir = _state(state)
-    ca = load_ca(state_dir)
-    try:
-        # Opened before signing: a certificate that cannot be recorded is not made.
-        with open_audit_log(ca.config.audit, state_dir) as audit:
-            issuer = Issuer(ca.material, ca.signer, ca.config.issuance)
-            issued = issuer.issue(IssueRequest(csr=data, identity=identity, ttl_seconds=ttl))
-            audit.record_many_sync([IssuanceRecord.from_issued(
-                issued, caller_identities=(_local_user(),), credential_type="cli", signer="default",
-                peer="local", request_id=f"cli-{os.getpid()}-{secrets.token_hex(4)}")], timeout=60)
-    finally:
-        ca.close()
+    config = CAConfig.load(state_dir)
+    # The audit log opens first: a certificate that cannot be recorded is not made.
+    with open_audit_log(config.audit, state_dir) as audit:
+        admission = Admission(signer="default", trust_domain=config.trust_domain,
+                              policy=RequestPolicy(config.policy, clock=SYSTEM_CLOCK), node_authorizer=None)
+        authority = load_authority("default", state_dir, admission=admission, audit=audit, clock=SYSTEM_CLOCK)
+        try:
+            issued = authority.issue_local(LocalPrincipal("cli", _local_user()), identity=identity, csr=data,
+                                           ttl_seconds=ttl, request_id=f"cli-{os.getpid()}-{secrets.token_hex(4)}")
+        finally:
+            authority.close()
     if as_json:
         text = json.dumps({"serial": f"{issued.serial:x}", "identity": issued.identity,
                            "not_before": issued.not_before.isoformat(), "not_after": issued.not_after.isoformat(),

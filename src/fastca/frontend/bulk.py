@@ -2,12 +2,12 @@
 in one call, for node agents that renew many workloads at once.
 
 The caller authenticates once; each element then goes through exactly the
-admission stages a CreateCertificate call does (signer, impersonation,
-identity, policy). The admitted elements go to their signer's batcher in
-one submission, so they reach the native core together, are recorded in
-the audit log together, and cost the event loop one wake-up per batch
-rather than one per certificate. An element that fails carries its own
-status; the others are unaffected.
+admission a CreateCertificate call does (signer, impersonation, identity,
+policy). The admitted elements go to their Authority in one submission, so
+they reach the native core together, are recorded in the audit log
+together, and cost the event loop one wake-up per batch rather than one per
+certificate. An element that fails carries its own status; the others are
+unaffected.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import time
 import grpc
 
 from fastca.audit.record import IssuanceContext
+from fastca.authority import Authority, IssueRequest, Outcome
 from fastca.errors import FastcaError, InvalidRequest
-from fastca.frontend._proto import bulk_pb2, bulk_pb2_grpc
 from fastca.frontend.istio_ca import IssuanceService
-from fastca.pipeline.batcher import Batcher, Outcome
-from fastca.pipeline.issuer import IssueRequest
+from fastca.proto import bulk_pb2, bulk_pb2_grpc
 
 __all__ = ["BULK_METHOD", "BULK_SERVICE", "MAX_BULK_REQUESTS", "BulkCertificateServicer"]
 
@@ -45,23 +44,24 @@ class BulkCertificateServicer(bulk_pb2_grpc.BulkCertificateServiceServicer):
             caller, info = await service.authenticate(context)
             started = time.perf_counter()
             outcomes: list[Outcome | None] = []   # None: admitted, not issued yet
-            by_batcher: dict[Batcher, list[tuple[int, IssueRequest, IssuanceContext]]] = {}
+            by_authority: dict[Authority, list[tuple[int, IssueRequest, IssuanceContext]]] = {}
             for index, element in enumerate(request.requests):
                 try:
-                    batcher, issue_request, issue_context = await service.admit(
+                    authority, issue_request, issue_context = await service.admit(
                         element, caller, info, f"{request_id}.{index}")
                 except FastcaError as error:
                     outcomes.append(error)
                     continue
                 outcomes.append(None)
-                by_batcher.setdefault(batcher, []).append((index, issue_request, issue_context))
+                by_authority.setdefault(authority, []).append((index, issue_request, issue_context))
 
-            async def issue_group(batcher: Batcher, group: list[tuple[int, IssueRequest, IssuanceContext]]) -> None:
-                results = await batcher.submit_many([(issue_request, ctx) for _, issue_request, ctx in group])
+            async def issue_group(authority: Authority,
+                                  group: list[tuple[int, IssueRequest, IssuanceContext]]) -> None:
+                results = await authority.issue_many_admitted([(issue_request, ctx) for _, issue_request, ctx in group])
                 for (index, _, _), result in zip(group, results):
                     outcomes[index] = result
 
-            await asyncio.gather(*(issue_group(b, group) for b, group in by_batcher.items()))
+            await asyncio.gather(*(issue_group(a, group) for a, group in by_authority.items()))
             elapsed = time.perf_counter() - started
             results = []
             for outcome in outcomes:

@@ -1,15 +1,14 @@
 """istio.v1.auth.IstioCertificateService/CreateCertificate.
 
-Thin: decode, then the ordered stages (authenticate -> choose signer ->
-impersonation -> identity -> policy -> issue -> audit), then map errors to
-the contract's status codes. The CSR is not looked at before the caller is
-authenticated (RELIABILITY 1).
+Thin: decode, authenticate, hand the request to the Authority its
+``CertSigner`` selects (admission and everything after happen there), then
+map errors to the contract's status codes. The CSR is not looked at before
+the caller is authenticated and admitted (docs/reliability.md, case 1).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -17,25 +16,23 @@ import grpc
 from fastca.audit.record import IssuanceContext, IssuanceRecord
 from fastca.authn.caller import Caller, RequestInfo
 from fastca.authn.chain import AuthenticatorChain
-from fastca.authn.node_authorizer import NodeAuthorizer
-from fastca.ca.material import CAMaterial
+from fastca.authority import Authorities, Authority, IssuedCertificate, IssueRequest
 from fastca.errors import (
     AuthenticationFailed,
     CANotReady,
+    CANotValid,
     FastcaError,
     InvalidRequest,
     InvalidTTL,
     SigningFailed,
     grpc_status_of,
 )
-from fastca.frontend._proto import istio_ca_pb2, istio_ca_pb2_grpc
 from fastca.frontend.context import request_info
 from fastca.observability.logging import enter_request, get_logger, leave_request, log_many, new_request_id
-from fastca.pipeline.batcher import Batcher
-from fastca.pipeline.issuer import IssuedCertificate, IssueRequest
-from fastca.policy.request import RequestPolicy, spiffe_identity_of
+from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
 
-__all__ = ["SignerRuntime", "IssuanceService", "log_recorded", "IstioCertificateServicer", "SERVICE", "METHOD"]
+__all__ = ["IssuanceService", "log_recorded", "IstioCertificateServicer", "SERVICE", "METHOD",
+           "metadata_strings"]
 
 SERVICE = "istio.v1.auth.IstioCertificateService"
 METHOD = "CreateCertificate"
@@ -47,16 +44,7 @@ _MAX_METADATA_VALUE_BYTES = 4096
 log = get_logger("fastca.frontend")
 
 
-@dataclass
-class SignerRuntime:
-    """One named signer as the front end uses it."""
-
-    name: str
-    material: CAMaterial
-    batcher: Batcher
-
-
-def _metadata_strings(struct: Any) -> dict[str, str]:
+def metadata_strings(struct: Any) -> dict[str, str]:
     """The Struct's string values. Agents send only strings; anything else
     (nested structs, lists, numbers) is refused before any CSR parsing."""
     fields = struct.fields
@@ -77,7 +65,7 @@ def _sign_error_kind(error: FastcaError) -> str | None:
         return "TTL_ERROR"
     if isinstance(error, InvalidRequest):
         return "CSR_ERROR"
-    if isinstance(error, CANotReady):
+    if isinstance(error, (CANotReady, CANotValid)):
         return "CA_NOT_READY"
     if isinstance(error, SigningFailed):
         return "CERT_GEN_ERROR"
@@ -93,18 +81,12 @@ def log_recorded(records: list[IssuanceRecord]) -> None:
 
 
 class IssuanceService:
-    """The stages every certificate request goes through, shared by the
+    """What every certificate RPC does around the Authority, shared by the
     Istio servicer (one request per call) and the bulk servicer (many)."""
 
-    def __init__(self, *, trust_domain: str, authenticators: AuthenticatorChain,
-                 node_authorizer: NodeAuthorizer | None, policy: RequestPolicy,
-                 signers: dict[str, SignerRuntime], default_signer: str, metrics: Any) -> None:
-        self.trust_domain = trust_domain
+    def __init__(self, *, authenticators: AuthenticatorChain, authorities: Authorities, metrics: Any) -> None:
         self._authenticators = authenticators
-        self._node_authorizer = node_authorizer
-        self._policy = policy
-        self._signers = signers
-        self._default_signer = default_signer
+        self.authorities = authorities
         self.metrics = metrics
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> tuple[Caller, RequestInfo]:
@@ -112,42 +94,24 @@ class IssuanceService:
         return await self._authenticators.authenticate(info), info
 
     async def admit(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
-                    request_id: str) -> tuple[Batcher, IssueRequest, IssuanceContext]:
-        """Signer, impersonation, identity and policy: what to issue, for
-        whom, and which signer's batcher issues it."""
+                    request_id: str) -> tuple[Authority, IssueRequest, IssuanceContext]:
+        """The Authority the request's CertSigner names, and its admission verdict."""
         self.metrics.csr_received()
-        metadata = _metadata_strings(request.metadata)
-        signer_name = metadata.get(CERT_SIGNER, "") or self._default_signer
-        runtime = self._signers.get(signer_name)
-        if runtime is None:
-            raise InvalidRequest(f"unknown CertSigner {signer_name!r}")
-
-        requested = metadata.get(IMPERSONATED_IDENTITY, "")
-        if requested:
-            if self._node_authorizer is None:
-                raise AuthenticationFailed("impersonation requested but no trusted node accounts are configured",
-                                           public_message="request impersonation authentication failure")
-            await self._node_authorizer.authorize(caller, requested, self.trust_domain)
-            identity = requested
-        else:
-            identity = spiffe_identity_of(caller, self.trust_domain)
-
-        self._policy.check(identity, info.peer_ip)
-        return (runtime.batcher,
-                IssueRequest(csr=request.csr.encode(), identity=identity, ttl_seconds=request.validity_duration,
-                             strict_csr=self._policy.strict_csr and not requested),
-                IssuanceContext(caller_identities=caller.identities, credential_type=caller.credential_type,
-                                signer=signer_name, peer=info.peer, request_id=request_id,
-                                impersonated=bool(requested), cluster_id=info.cluster_id))
+        metadata = metadata_strings(request.metadata)
+        authority = self.authorities.select(metadata.get(CERT_SIGNER, ""))
+        issue_request, context = await authority.admit(
+            caller, info, csr=request.csr.encode(), ttl_seconds=request.validity_duration,
+            impersonate=metadata.get(IMPERSONATED_IDENTITY, ""), request_id=request_id)
+        return authority, issue_request, context
 
     async def issue(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
                     request_id: str) -> IssuedCertificate:
-        """Admission, then issuance. The batcher returns the certificate only
+        """Admission, then issuance. The Authority returns the certificate only
         once its audit record is committed (and the "certificate issued" line
         is logged then, by log_recorded)."""
         started = time.perf_counter()
-        batcher, issue_request, context = await self.admit(request, caller, info, request_id)
-        issued = await batcher.submit(issue_request, context)
+        authority, issue_request, context = await self.admit(request, caller, info, request_id)
+        issued = await authority.issue_admitted(issue_request, context)
         self.issued(time.perf_counter() - started)
         return issued
 

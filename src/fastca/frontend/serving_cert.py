@@ -1,12 +1,12 @@
-"""The TLS certificate the server presents: issued by the CA to itself, for
-the configured DNS names, renewed at half its life without a restart
-(grpcio asks for a fresh configuration on each handshake)."""
+"""The TLS certificate the server presents: issued by its own Authority to
+the server principal (recorded like every certificate), for the configured
+DNS names and the IP addresses it listens on, renewed at half its life
+without a restart (grpcio asks for a fresh configuration on each handshake)."""
 
 from __future__ import annotations
 
 import ipaddress
 import threading
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -14,7 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fastca.pipeline.issuer import IssuedCertificate, IssueRequest, Issuer
+from fastca.authority import SERVER_PRINCIPAL, Authority, IssuedCertificate
+from fastca.clock import Clock
 
 __all__ = ["ServingCertificate"]
 
@@ -27,9 +28,11 @@ class _Pair:
 
 
 class ServingCertificate:
-    def __init__(self, issuer: Issuer, *, trust_domain: str, dns_names: list[str], ttl_seconds: int,
+    def __init__(self, authority: Authority, *, trust_domain: str, dns_names: list[str], ttl_seconds: int,
                  ip_addresses: list[str] = (), client_roots_pem: bytes | None = None) -> None:
-        self._issuer = issuer
+        self._authority = authority
+        self._clock: Clock = authority.clock
+        self._issued_count = 0
         self._identity = f"spiffe://{trust_domain}/ns/istio-system/sa/fastca"
         self._dns_names = tuple(dns_names)
         self._ip_addresses = tuple(ipaddress.ip_address(address).packed for address in ip_addresses)
@@ -42,9 +45,11 @@ class ServingCertificate:
     def _issue(self) -> _Pair:
         key = ec.generate_private_key(ec.SECP256R1())
         csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
-        issued = self._issuer.issue(IssueRequest(csr=csr.public_bytes(serialization.Encoding.DER),
-                                                 identity=self._identity, ttl_seconds=self._ttl,
-                                                 dns_names=self._dns_names, ip_addresses=self._ip_addresses))
+        self._issued_count += 1
+        issued = self._authority.issue_local(
+            SERVER_PRINCIPAL, identity=self._identity, csr=csr.public_bytes(serialization.Encoding.DER),
+            ttl_seconds=self._ttl, request_id=f"serving-certificate-{self._issued_count}",
+            dns_names=self._dns_names, ip_addresses=self._ip_addresses)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         # Leaf and intermediates; the root stays with the clients.
@@ -57,7 +62,7 @@ class ServingCertificate:
 
     def renew_if_due(self, now: float | None = None) -> bool:
         """Re-issue once half the lifetime has passed; True when renewed."""
-        now = time.time() if now is None else now
+        now = self._clock.now() if now is None else now
         pair = self._pair
         start, end = pair.issued.not_before.timestamp(), pair.issued.not_after.timestamp()
         if now < start + (end - start) / 2:

@@ -8,16 +8,15 @@ tree's errors; the clock is injected so tests move time.
 
 from __future__ import annotations
 
-import datetime as dt
 import fnmatch
 import ipaddress
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
 from fastca.authn.caller import Caller
+from fastca.clock import SYSTEM_CLOCK, Clock
 from fastca.config import PolicyConfig
 from fastca.errors import AuthenticationFailed, Overloaded, PolicyDenied
 
@@ -76,13 +75,12 @@ def _minute_of(text: str) -> int:
 
 
 class RequestPolicy:
-    def __init__(self, config: PolicyConfig, *, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: PolicyConfig, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self._config = config
         self._clock = clock
         limit = config.rate_limit
         self._buckets = (_TokenBuckets(limit.per_identity_per_second, limit.burst, limit.max_tracked_identities,
-                                       monotonic) if limit.per_identity_per_second else None)
+                                       clock.monotonic) if limit.per_identity_per_second else None)
         self._windows = [_Window(tuple(rule.identities), _minute_of(rule.start), _minute_of(rule.end))
                          for rule in config.time_windows]
         self._networks = [(tuple(rule.identities), [ipaddress.ip_network(c, strict=False) for c in rule.cidrs])
@@ -101,7 +99,7 @@ class RequestPolicy:
                     raise PolicyDenied(f"{identity} may not request certificates from {peer_ip}",
                                        public_message="request denied by CA policy: source network not allowed")
         if self._windows:
-            moment = dt.datetime.fromtimestamp(self._clock(), dt.timezone.utc)
+            moment = self._clock.utcnow()
             minute = moment.hour * 60 + moment.minute
             for window in self._windows:
                 if _matches(identity, window.patterns) and not window.open_at(minute):

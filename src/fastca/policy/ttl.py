@@ -1,4 +1,4 @@
-"""Certificate lifetime, as istiod decides it (ISTIO-CONTRACT.md §4)."""
+"""Certificate lifetime, as istiod decides it (docs/istio-contract.md)."""
 
 from __future__ import annotations
 

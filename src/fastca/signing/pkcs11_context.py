@@ -3,7 +3,7 @@
 python-pkcs11 initialises modules with ``C_Initialize(NULL)``, so SoftHSM
 turns its own locking off, yet python-pkcs11 releases the GIL inside every C
 call: two threads in PKCS#11 at once corrupt SoftHSM's heap (measured, see
-ARCHITECTURE.md). Rather than trusting every caller to hold a lock, every
+docs/architecture.md). Rather than trusting every caller to hold a lock, every
 PKCS#11 call in the process is confined to a single thread owned by this
 context: callers hand it a function and wait for the result. Two signers, a
 key generation and a token listing running "at the same time" are simply

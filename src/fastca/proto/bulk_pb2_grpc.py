@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fastca.frontend._proto import istio_ca_pb2 as fastca_dot_frontend_dot___proto_dot_istio__ca__pb2
+from fastca.proto import bulk_pb2 as fastca_dot_proto_dot_bulk__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,16 +18,15 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fastca/frontend/_proto/istio_ca_pb2_grpc.py depends on'
+        + ' but the generated code in fastca/proto/bulk_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class IstioCertificateServiceStub:
-    """Service for managing certificates issued by the CA.
-    """
+class BulkCertificateServiceStub:
+    """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
         """Constructor.
@@ -35,46 +34,43 @@ class IstioCertificateServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.CreateCertificate = channel.unary_unary(
-                '/istio.v1.auth.IstioCertificateService/CreateCertificate',
-                request_serializer=fastca_dot_frontend_dot___proto_dot_istio__ca__pb2.IstioCertificateRequest.SerializeToString,
-                response_deserializer=fastca_dot_frontend_dot___proto_dot_istio__ca__pb2.IstioCertificateResponse.FromString,
+        self.CreateCertificates = channel.unary_unary(
+                '/fastca.v1.BulkCertificateService/CreateCertificates',
+                request_serializer=fastca_dot_proto_dot_bulk__pb2.BulkCertificateRequest.SerializeToString,
+                response_deserializer=fastca_dot_proto_dot_bulk__pb2.BulkCertificateResponse.FromString,
                 _registered_method=True)
 
 
-class IstioCertificateServiceServicer:
-    """Service for managing certificates issued by the CA.
-    """
+class BulkCertificateServiceServicer:
+    """Missing associated documentation comment in .proto file."""
 
-    def CreateCertificate(self, request, context):
-        """Using the provided CSR, returns a signed certificate.
-        """
+    def CreateCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_IstioCertificateServiceServicer_to_server(servicer, server):
+def add_BulkCertificateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'CreateCertificate': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateCertificate,
-                    request_deserializer=fastca_dot_frontend_dot___proto_dot_istio__ca__pb2.IstioCertificateRequest.FromString,
-                    response_serializer=fastca_dot_frontend_dot___proto_dot_istio__ca__pb2.IstioCertificateResponse.SerializeToString,
+            'CreateCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCertificates,
+                    request_deserializer=fastca_dot_proto_dot_bulk__pb2.BulkCertificateRequest.FromString,
+                    response_serializer=fastca_dot_proto_dot_bulk__pb2.BulkCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'istio.v1.auth.IstioCertificateService', rpc_method_handlers)
+            'fastca.v1.BulkCertificateService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('istio.v1.auth.IstioCertificateService', rpc_method_handlers)
+    server.add_registered_method_handlers('fastca.v1.BulkCertificateService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class IstioCertificateService:
-    """Service for managing certificates issued by the CA.
-    """
+class BulkCertificateService:
+    """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def CreateCertificate(request,
+    def CreateCertificates(request,
             target,
             options=(),
             channel_credentials=None,
@@ -87,9 +83,9 @@ class IstioCertificateService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/istio.v1.auth.IstioCertificateService/CreateCertificate',
-            fastca_dot_frontend_dot___proto_dot_istio__ca__pb2.IstioCertificateRequest.SerializeToString,
-            fastca_dot_frontend_dot___proto_dot_istio__ca__pb2.IstioCertificateResponse.FromString,
+            '/fastca.v1.BulkCertificateService/CreateCertificates',
+            fastca_dot_proto_dot_bulk__pb2.BulkCertificateRequest.SerializeToString,
+            fastca_dot_proto_dot_bulk__pb2.BulkCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

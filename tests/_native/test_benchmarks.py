@@ -1,7 +1,7 @@
 """Micro-benchmarks of the native core, with pyca as the baseline.
 
 Disabled by default (pyproject passes --benchmark-disable); run with
-``pytest bench/test_native_bench.py --benchmark-enable``. Batch benchmarks
+``dev/test tests/_native/test_benchmarks.py --benchmark-enable``. Batch benchmarks
 record their per-item median in extra_info["per_item_us"].
 """
 
@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fastca._native import IssuerProfile, LeafSpec, assemble_batch, parse_csr, prepare_batch, verify_csr
+from fastca._native.testing import IssuerProfile, LeafSpec, assemble_batch, parse_csr, prepare_batch, verify_csr
 
-AGENT_CSRS = Path(__file__).parent.parent / "tests" / "vectors" / "agent-csrs"
+AGENT_CSRS = Path(__file__).parent.parent / "vectors" / "agent-csrs"
 BATCH = 256
 NOW = 1_764_000_000
 

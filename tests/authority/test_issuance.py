@@ -1,4 +1,5 @@
-"""The issuer through the real native core and a real SoftHSM key."""
+"""The Authority's issuance stages through the real native core, a real
+SoftHSM key and a real audit log: profile, TTL, bad input, faulty signers."""
 
 import datetime as dt
 import os
@@ -14,9 +15,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastca.ca.certificates import self_signed_root
 from fastca.ca.material import validate_material
 from fastca.config import IssuanceConfig
-from fastca.errors import InvalidRequest, SigningFailed
-from fastca.pipeline.issuer import IssueRequest, Issuer
+from fastca.authority import IssueRequest
+from fastca.clock import ManualClock
+from fastca.errors import CANotValid, InvalidRequest, SigningFailed
 from fastca.signing.software import SoftwareSigner
+from tests.authority._support import Issuing
 from tests.conftest import agent_csrs
 
 IDENTITY = "spiffe://cluster.local/ns/payments/sa/api"
@@ -48,8 +51,14 @@ class CountingSigner:
 
 
 @pytest.fixture
-def issuer(any_token_ca):
-    return Issuer(any_token_ca.material, any_token_ca.signer, IssuanceConfig())
+def issuer(any_token_ca, tmp_path):
+    issuing = Issuing(any_token_ca.material, any_token_ca.signer, tmp_path)
+    yield issuing
+    issuing.close()
+
+
+def _issuing(ca, tmp_path, signer=None, **kwargs) -> Issuing:
+    return Issuing(ca.material, signer or ca.signer, tmp_path, **kwargs)
 
 
 def _csr_with(key, *, cn=None, sans=(), ca=False, key_cert_sign=False, hash_alg=hashes.SHA256()):
@@ -80,7 +89,7 @@ def test_identity_comes_from_the_caller_never_the_csr(issuer, any_token_ca):
 
 
 def test_csr_requests_for_more_are_ignored(issuer):
-    """RELIABILITY 10: CN, DNS/IP/email SANs, a second URI, CA:TRUE, keyCertSign."""
+    """docs/reliability.md case 10: CN, DNS/IP/email SANs, a second URI, CA:TRUE, keyCertSign."""
     import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -113,19 +122,43 @@ def test_ttl_above_max_is_invalid(issuer, ttl):
         issuer.issue(IssueRequest(agent_csrs("ec256")[0].pem, IDENTITY, ttl_seconds=ttl))
 
 
-def test_not_after_clamped_to_signing_cert():
+def test_not_after_clamped_to_signing_cert(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     signer = SoftwareSigner(key)
     now = dt.datetime.now(dt.timezone.utc)
     root = self_signed_root(signer, "cluster.local", now=now, lifetime=dt.timedelta(hours=1))
-    issuer = Issuer(validate_material(root, [], [root], now), signer, IssuanceConfig())
-    issued = issuer.issue(IssueRequest(agent_csrs("ec256")[0].pem, IDENTITY))
+    issuing = Issuing(validate_material(root, [], [root], now), signer, tmp_path)
+    issued = issuing.issue(IssueRequest(agent_csrs("ec256")[0].pem, IDENTITY))
     assert issued.not_after == root.not_valid_after_utc
 
-    later = Issuer(validate_material(root, [], [root], now), signer, IssuanceConfig(),
-                   clock=lambda: (now + dt.timedelta(hours=2)).timestamp())
-    with pytest.raises(SigningFailed, match="expired"):
-        later.issue(IssueRequest(agent_csrs("ec256")[0].pem, IDENTITY))
+
+@pytest.mark.parametrize("moment", ["before", "after"])
+def test_ca_outside_its_validity_refuses_with_the_reason(tmp_path, moment):
+    """An injected clock a day before the CA's NotBefore (or past its NotAfter)
+    gets CANotValid (FAILED_PRECONDITION), never a certificate that cannot verify."""
+    signer = SoftwareSigner(ec.generate_private_key(ec.SECP256R1()))
+    made = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
+    root = self_signed_root(signer, "cluster.local", now=made, lifetime=dt.timedelta(days=30))
+    clock = ManualClock(made + dt.timedelta(days=1))
+    issuing = Issuing(validate_material(root, [], [root], clock.utcnow()), signer, tmp_path, clock=clock)
+    assert issuing.issue(IssueRequest(agent_csrs("ec256")[0].pem, IDENTITY)).not_after <= root.not_valid_after_utc
+    clock.set(root.not_valid_before_utc - dt.timedelta(days=1) if moment == "before"
+              else root.not_valid_after_utc + dt.timedelta(seconds=1))
+    with pytest.raises(CANotValid, match="not valid until" if moment == "before" else "expired at"):
+        issuing.issue(IssueRequest(agent_csrs("ec256")[0].pem, IDENTITY))
+    assert issuing.audit.count() == 1
+
+
+def test_not_before_is_never_before_the_ca(tmp_path):
+    """Backdating stops at the CA's own NotBefore: a leaf the CA could not have signed then is not claimed."""
+    signer = SoftwareSigner(ec.generate_private_key(ec.SECP256R1()))
+    made = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
+    root = self_signed_root(signer, "cluster.local", now=made, lifetime=dt.timedelta(days=30))
+    clock = ManualClock(root.not_valid_before_utc + dt.timedelta(seconds=30))
+    issuing = Issuing(validate_material(root, [], [root], clock.utcnow()), signer, tmp_path, clock=clock)
+    issued = issuing.issue(IssueRequest(agent_csrs("ec256")[0].pem, IDENTITY, ttl_seconds=600))
+    assert issued.not_before == root.not_valid_before_utc
+    assert issued.not_after == clock.utcnow() + dt.timedelta(seconds=600)
 
 
 def _flip_signature_bit(pem: bytes) -> bytes:
@@ -134,10 +167,10 @@ def _flip_signature_bit(pem: bytes) -> bytes:
     return bytes(der)
 
 
-def test_bad_csr_never_reaches_the_hsm(any_token_ca):
-    """RELIABILITY 8: flipped signature bit; key A signing a CSR carrying key B."""
+def test_bad_csr_never_reaches_the_hsm(any_token_ca, tmp_path):
+    """docs/reliability.md case 8: flipped signature bit; key A signing a CSR carrying key B."""
     counting = CountingSigner(any_token_ca.signer)
-    issuer = Issuer(any_token_ca.material, counting, IssuanceConfig())
+    issuer = _issuing(any_token_ca, tmp_path, counting)
     flipped = _flip_signature_bit(agent_csrs("rsa2048")[1].pem)
     key_a, key_b = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     good_b = x509.load_pem_x509_csr(_csr_with(key_b)).public_bytes(serialization.Encoding.DER)
@@ -159,17 +192,17 @@ def test_bad_csr_never_reaches_the_hsm(any_token_ca):
     "spiffe://cluster.local/ns/é/sa/b", "spiffe://cluster.local/" + "a" * 2048, "https://cluster.local/ns/a/sa/b",
     "spiffe://cluster.local", "",
 ])
-def test_bad_identities_rejected_before_signing(any_token_ca, identity):
+def test_bad_identities_rejected_before_signing(any_token_ca, identity, tmp_path):
     counting = CountingSigner(any_token_ca.signer)
-    issuer = Issuer(any_token_ca.material, counting, IssuanceConfig())
+    issuer = _issuing(any_token_ca, tmp_path, counting)
     with pytest.raises(InvalidRequest):
         issuer.issue(IssueRequest(agent_csrs("ec256")[0].pem, identity))
     assert counting.calls == 0
 
 
 @pytest.mark.parametrize("fault", ["garbage", "other-bytes", "short"])
-def test_faulty_signer_yields_an_error_never_a_certificate(any_token_ca, fault):
-    """RELIABILITY 16: a broken signer (garbage, or a valid signature over other bytes)."""
+def test_faulty_signer_yields_an_error_never_a_certificate(any_token_ca, fault, tmp_path):
+    """docs/reliability.md case 16: a broken signer (garbage, or a valid signature over other bytes)."""
     def corrupt(data, signatures):
         if fault == "garbage":
             return [os.urandom(len(s)) for s in signatures]
@@ -177,9 +210,10 @@ def test_faulty_signer_yields_an_error_never_a_certificate(any_token_ca, fault):
             return any_token_ca.signer.sign_many([d + b"x" for d in data])
         return signatures[:-1]
 
-    issuer = Issuer(any_token_ca.material, CountingSigner(any_token_ca.signer, corrupt), IssuanceConfig())
+    issuer = _issuing(any_token_ca, tmp_path, CountingSigner(any_token_ca.signer, corrupt))
     results = issuer.issue_many([IssueRequest(c.pem, IDENTITY) for c in agent_csrs()[:3]])
     assert all(isinstance(r, SigningFailed) for r in results), results
+    assert issuer.audit.count() == 0
 
 
 def test_one_bad_request_does_not_fail_its_batch(issuer):
@@ -205,11 +239,11 @@ def test_serials_unique_positive_fixed_length(issuer):
     assert len(serials) == 1000
 
 
-def test_concurrent_issuers_through_pkcs11(ec_token_ca):
-    """Several issuers on several threads share one SoftHSM key: thousands of
-    signatures, zero errors, every certificate verified independently."""
+def test_concurrent_authorities_through_pkcs11(ec_token_ca, tmp_path):
+    """Several Authorities on several threads share one SoftHSM key: thousands
+    of signatures, zero errors, every certificate verified independently."""
     csrs = agent_csrs()
-    issuers = [Issuer(ec_token_ca.material, ec_token_ca.signer, IssuanceConfig()) for _ in range(4)]
+    issuers = [_issuing(ec_token_ca, tmp_path) for _ in range(8)]
     threads_seen = set()
 
     def work(n):
@@ -218,7 +252,7 @@ def test_concurrent_issuers_through_pkcs11(ec_token_ca):
         for round_ in range(20):
             batch = [IssueRequest(csrs[(n + i) % len(csrs)].pem, f"spiffe://cluster.local/ns/t{n}/sa/r{round_}")
                      for i in range(32)]
-            out.extend(issuers[n % 4].issue_many(batch))
+            out.extend(issuers[n].issue_many(batch))
         return out
 
     with ThreadPoolExecutor(8) as pool:
@@ -227,15 +261,16 @@ def test_concurrent_issuers_through_pkcs11(ec_token_ca):
     errors = [r for r in results if isinstance(r, Exception)]
     assert errors == []
     assert len(results) == 8 * 20 * 32
+    assert sum(issuer.audit.count() for issuer in issuers) == len(results)
     ca_cert = ec_token_ca.material.signing_cert
     for issued in results:
         _verify_with_ca(x509.load_der_x509_certificate(issued.der), ca_cert)
 
 
-def test_oversized_csr_rejected_before_parsing(any_token_ca):
-    """RELIABILITY 12 (the CSR half; gRPC message limits belong to the server)."""
+def test_oversized_csr_rejected_before_parsing(any_token_ca, tmp_path):
+    """docs/reliability.md case 12 (the CSR half; gRPC message limits belong to the server)."""
     counting = CountingSigner(any_token_ca.signer)
-    issuer = Issuer(any_token_ca.material, counting, IssuanceConfig())
+    issuer = _issuing(any_token_ca, tmp_path, counting)
     pem = agent_csrs("ec256")[0].pem
     oversized = pem + b"\n" * (70 * 1024)
     with pytest.raises(InvalidRequest, match="65536"):

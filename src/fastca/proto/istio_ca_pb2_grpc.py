@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fastca.frontend._proto import bulk_pb2 as fastca_dot_frontend_dot___proto_dot_bulk__pb2
+from fastca.proto import istio_ca_pb2 as fastca_dot_proto_dot_istio__ca__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,15 +18,16 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fastca/frontend/_proto/bulk_pb2_grpc.py depends on'
+        + ' but the generated code in fastca/proto/istio_ca_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class BulkCertificateServiceStub:
-    """Missing associated documentation comment in .proto file."""
+class IstioCertificateServiceStub:
+    """Service for managing certificates issued by the CA.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -34,43 +35,46 @@ class BulkCertificateServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.CreateCertificates = channel.unary_unary(
-                '/fastca.v1.BulkCertificateService/CreateCertificates',
-                request_serializer=fastca_dot_frontend_dot___proto_dot_bulk__pb2.BulkCertificateRequest.SerializeToString,
-                response_deserializer=fastca_dot_frontend_dot___proto_dot_bulk__pb2.BulkCertificateResponse.FromString,
+        self.CreateCertificate = channel.unary_unary(
+                '/istio.v1.auth.IstioCertificateService/CreateCertificate',
+                request_serializer=fastca_dot_proto_dot_istio__ca__pb2.IstioCertificateRequest.SerializeToString,
+                response_deserializer=fastca_dot_proto_dot_istio__ca__pb2.IstioCertificateResponse.FromString,
                 _registered_method=True)
 
 
-class BulkCertificateServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+class IstioCertificateServiceServicer:
+    """Service for managing certificates issued by the CA.
+    """
 
-    def CreateCertificates(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def CreateCertificate(self, request, context):
+        """Using the provided CSR, returns a signed certificate.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_BulkCertificateServiceServicer_to_server(servicer, server):
+def add_IstioCertificateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'CreateCertificates': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateCertificates,
-                    request_deserializer=fastca_dot_frontend_dot___proto_dot_bulk__pb2.BulkCertificateRequest.FromString,
-                    response_serializer=fastca_dot_frontend_dot___proto_dot_bulk__pb2.BulkCertificateResponse.SerializeToString,
+            'CreateCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCertificate,
+                    request_deserializer=fastca_dot_proto_dot_istio__ca__pb2.IstioCertificateRequest.FromString,
+                    response_serializer=fastca_dot_proto_dot_istio__ca__pb2.IstioCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fastca.v1.BulkCertificateService', rpc_method_handlers)
+            'istio.v1.auth.IstioCertificateService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fastca.v1.BulkCertificateService', rpc_method_handlers)
+    server.add_registered_method_handlers('istio.v1.auth.IstioCertificateService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class BulkCertificateService:
-    """Missing associated documentation comment in .proto file."""
+class IstioCertificateService:
+    """Service for managing certificates issued by the CA.
+    """
 
     @staticmethod
-    def CreateCertificates(request,
+    def CreateCertificate(request,
             target,
             options=(),
             channel_credentials=None,
@@ -83,9 +87,9 @@ class BulkCertificateService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fastca.v1.BulkCertificateService/CreateCertificates',
-            fastca_dot_frontend_dot___proto_dot_bulk__pb2.BulkCertificateRequest.SerializeToString,
-            fastca_dot_frontend_dot___proto_dot_bulk__pb2.BulkCertificateResponse.FromString,
+            '/istio.v1.auth.IstioCertificateService/CreateCertificate',
+            fastca_dot_proto_dot_istio__ca__pb2.IstioCertificateRequest.SerializeToString,
+            fastca_dot_proto_dot_istio__ca__pb2.IstioCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

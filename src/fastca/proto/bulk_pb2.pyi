@@ -1,4 +1,4 @@
-from fastca.frontend._proto import istio_ca_pb2 as _istio_ca_pb2
+from fastca.proto import istio_ca_pb2 as _istio_ca_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

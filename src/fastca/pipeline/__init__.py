@@ -1,1 +1,0 @@
-"""The issuance pipeline: the issuer (and, with the server, the batcher)."""
