@@ -33,6 +33,18 @@ extensions.append(
     )
 )
 
+# The native front end's gRPC-over-HTTP/2 core on libnghttp2 (Debian:
+# libnghttp2-dev). It parses what clients send, so its own indexing keeps
+# bounds checks on (set in the module).
+extensions.append(
+    Extension(
+        "fastca.frontend._grpc",
+        ["src/fastca/frontend/_grpc.pyx"],
+        libraries=["nghttp2"],
+        extra_compile_args=["-O2"],
+    )
+)
+
 setup(
     ext_modules=cythonize(
         extensions,

@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "run": ("bench.run", "the Istio path (and bulk) against the raw limits and peers"),
     "stability": ("bench.stability", "overload at 3x the peak, or a soak at 80%"),
+    "vs-istiod": ("bench.vs_istiod", "fastca against an istiod-shaped Go CA (bench/goca), token and client cert"),
     "front-end-floor": ("bench.front_end_floor", "per-call server CPU of the front ends"),
     "offline": ("bench.offline_issuance", "the issuance engine without RPC, against pyca"),
     "pkcs11-batch": ("bench.pkcs11_batch", "the PKCS#11 signing paths"),

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from bench.ports import free_loopback_port
 
 __all__ = ["CLUSTER_ID", "FastcaServer", "serve_supports_workers"]
@@ -52,6 +55,10 @@ class FastcaServer:
                  workers: int | None = None, server_settings: dict[str, Any] | None = None) -> None:
         self.state = directory / "state"
         self._log = directory / "server.log"
+        if workers is None:
+            # serve's own default (one process per CPU), given explicitly so
+            # that the supervisor and its workers are measured as the server.
+            workers = len(os.sched_getaffinity(0))
         # Workers share one port, so it must be chosen here; one process takes any.
         self._listen = f"127.0.0.1:{free_loopback_port() if workers else 0}"
         self._supervised = workers is not None and workers > 1     # `serve` supervises only then
@@ -81,6 +88,21 @@ class FastcaServer:
     @property
     def root_pem(self) -> bytes:
         return (self.state / "root-cert.pem").read_bytes()
+
+    def client_identity(self, spiffe_id: str) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) of a client certificate this CA issued
+        (``fastca issue``, so it is audited), as a VM agent holds one."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+        csr_file = self.state.parent / "client.csr"
+        csr_file.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+        issued = subprocess.run([sys.executable, "-m", "fastca", "issue", "--state", str(self.state), "--csr",
+                                 str(csr_file), "--identity", spiffe_id, "--json"], check=True, capture_output=True,
+                                text=True, timeout=120, env=_server_env())
+        chain = json.loads(issued.stdout)["cert_chain"]
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return "".join(chain[:-1]).encode(), key_pem
 
     def __enter__(self) -> Self:
         with self._log.open("wb") as sink:

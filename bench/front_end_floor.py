@@ -1,7 +1,7 @@
 """The per-call floor of the front end: what serving one unary gRPC call over
-TLS costs the server before any CA work, for grpc.aio (what fastca serves
-with) and for a minimal native HTTP/2 core (nghttp2 under Cython, TLS from
-uvloop: bench/h2floor/_h2echo.pyx).
+TLS costs the server before any CA work, for grpc.aio (what fastca served
+with before) and for fastca's native front end (fastca.frontend.native: the
+nghttp2 core under Cython, TLS from uvloop), each with an echo handler.
 
     python -m bench front-end-floor [--rounds 3] [--duration 8] [--json F]
 
@@ -9,20 +9,16 @@ Both servers answer CreateCertificate with the same fixed response (a chain
 of three PEMs) on one process with uvloop; both are driven by the native
 generator (bench/agentload, grpc-go) with the bench's usual load: 64 TLS
 connections, one call in flight each. The report is the server CPU per call,
-the rate and the latencies of each, per round and as medians. This is the
-"first measurement" of a native front end: how much of fastca's per-call
-cost is grpc.aio's own.
+the rate and the latencies of each, per round and as medians: how much of a
+certificate's cost is the front end's own.
 
-Needs libnghttp2-dev (headers) to build the native core, and Go for the
-generator (golang-go, golang-google-grpc-dev).
+Needs Go for the generator (golang-go, golang-google-grpc-dev).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import importlib.util
 import json
 import os
 import shlex
@@ -34,40 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
-__all__ = ["EchoServer", "build_h2echo", "main"]
+__all__ = ["EchoServer", "main"]
 
 _HERE = Path(__file__).resolve().parent
-_PYX = _HERE / "h2floor" / "_h2echo.pyx"
-KINDS = ("grpc-aio", "nghttp2")
-
-
-def build_h2echo() -> Path:
-    """The directory holding the built _h2echo module (compiled now if this
-    source has not been yet), keyed by the source's hash."""
-    from bench.native_load import cache_dir
-
-    digest = hashlib.sha256(_PYX.read_bytes()).hexdigest()[:16]
-    target = cache_dir() / f"h2echo-{digest}"
-    if any(target.glob("_h2echo*.so")):
-        return target
-    if not Path("/usr/include/nghttp2/nghttp2.h").exists():
-        raise RuntimeError("building the native echo core needs nghttp2's headers: apt-get install libnghttp2-dev")
-    with tempfile.TemporaryDirectory(prefix="h2echo-build-") as tmp:
-        setup = Path(tmp) / "setup.py"
-        setup.write_text(
-            "from setuptools import setup, Extension\nfrom Cython.Build import cythonize\n"
-            f"setup(ext_modules=cythonize([Extension('_h2echo', [{str(_PYX)!r}], libraries=['nghttp2'])], "
-            f"quiet=True, build_dir={tmp!r}))\n")
-        result = subprocess.run([sys.executable, str(setup), "build_ext", "--build-lib", tmp, "-q"], cwd=tmp,
-                                capture_output=True, text=True, timeout=600, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"building _h2echo failed:\n{result.stderr[-2000:]}")
-        built = next(Path(tmp).glob("_h2echo*.so"))
-        target.mkdir(parents=True, exist_ok=True)
-        partial = target / (built.name + ".partial")
-        partial.write_bytes(built.read_bytes())
-        partial.replace(target / built.name)
-    return target
+KINDS = ("grpc-aio", "native")
 
 
 def _tls_material(directory: Path) -> tuple[Path, Path]:
@@ -92,7 +58,7 @@ def _tls_material(directory: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-def _serve(kind: str, cert_file: str, key_file: str, module_dir: str) -> None:
+def _serve(kind: str, cert_file: str, key_file: str) -> None:
     """The child: one echo server of ``kind`` on 127.0.0.1, until killed.
     Prints ``ready <port>`` once it listens."""
     import asyncio
@@ -122,30 +88,32 @@ def _serve(kind: str, cert_file: str, key_file: str, module_dir: str) -> None:
         print(f"ready {port}", flush=True)
         await server.wait_for_termination()
 
-    async def nghttp2() -> None:
-        import ssl
+    async def native() -> None:
+        from fastca.frontend.native import Endpoint, Limits, Listener, bind_socket, load_serving, server_tls_context
 
-        built = next(Path(module_dir).glob("_h2echo*.so"))
-        spec = importlib.util.spec_from_file_location("_h2echo", built)
-        h2echo = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(h2echo)
-        H2Connection = h2echo.H2Connection  # noqa: N806 - a class
+        class Echo:
+            """The same work grpc.aio's handler gets done for it: decode the request, answer."""
 
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert_file, key_file)
-        context.set_alpn_protocols(["h2"])
+            streaming = False
 
-        def answer(path: bytes, authorization: bytes, body: bytes) -> bytes:
-            # The same work grpc.aio's handler gets done for it: decode the request.
-            istio_ca_pb2.IstioCertificateRequest.FromString(body)
-            return encoded
+            def accepts(self, call) -> bool:
+                return True
 
-        server = await asyncio.get_running_loop().create_server(lambda: H2Connection(answer), "127.0.0.1", 0,
-                                                                 ssl=context)
-        print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+            def handle(self, call) -> None:
+                istio_ca_pb2.IstioCertificateRequest.FromString(call.message)
+                call.respond(encoded)
+
+        context = server_tls_context(client_roots_pem=pem.encode(), require_client_certificate=False)
+        load_serving([context], pem.encode(), Path(key_file).read_bytes())
+        loop = asyncio.get_running_loop()
+        endpoint = Endpoint(routes={"/istio.v1.auth.IstioCertificateService/CreateCertificate": Echo()},
+                            limits=Limits(), loop=loop)
+        listener = Listener(endpoint, "grpc", bind_socket("127.0.0.1:0", reuse_port=False), context, 10.0)
+        await listener.start()
+        print(f"ready {listener.port}", flush=True)
         await asyncio.Event().wait()
 
-    uvloop.run(grpc_aio() if kind == "grpc-aio" else nghttp2())
+    uvloop.run(grpc_aio() if kind == "grpc-aio" else native())
 
 
 class EchoServer:
@@ -157,7 +125,6 @@ class EchoServer:
             raise ValueError(f"kind {kind!r}: one of {', '.join(KINDS)}")
         self.kind = kind
         self._cert, self._key = _tls_material(workdir)
-        self._module_dir = build_h2echo() if kind == "nghttp2" else workdir
         self.root_pem = self._cert.read_bytes()
         self._process: subprocess.Popen[str] | None = None
         self.address = ""
@@ -169,8 +136,8 @@ class EchoServer:
 
     def __enter__(self) -> Self:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.front_end_floor", "--serve", self.kind, str(self._cert), str(self._key),
-             str(self._module_dir)], cwd=_HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "bench.front_end_floor", "--serve", self.kind, str(self._cert), str(self._key)],
+            cwd=_HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
         if not line.startswith("ready "):
@@ -207,14 +174,14 @@ def measure(rounds: int, duration_s: float, connections: int) -> dict[str, Any]:
                       "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in runs)}
                for kind, runs in results.items()}
     return {"rounds": results, "median": medians,
-            "cpu_ratio_grpc_aio_over_nghttp2": (medians["grpc-aio"]["server_cpu_us_per_call"]
-                                                / medians["nghttp2"]["server_cpu_us_per_call"])}
+            "cpu_ratio_grpc_aio_over_native": (medians["grpc-aio"]["server_cpu_us_per_call"]
+                                               / medians["native"]["server_cpu_us_per_call"])}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--serve":
-        _serve(*argv[1:5])
+        _serve(*argv[1:4])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -230,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, median in report["median"].items():
         print(f"{kind:9} {median['calls_per_s']:8,.0f} calls/s  {median['server_cpu_us_per_call']:6.0f} µs "
               f"server CPU/call  p50 {median['p50_ms']:.1f} ms  p99 {median['p99_ms']:.1f} ms")
-    print(f"grpc.aio / nghttp2 server CPU per call: {report['cpu_ratio_grpc_aio_over_nghttp2']:.1f}x")
+    print(f"grpc.aio / native server CPU per call: {report['cpu_ratio_grpc_aio_over_native']:.1f}x")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -110,6 +110,11 @@ class IstioTarget:
     server_name: str = "localhost"
     cluster_id: str = "Kubernetes"
     ttl_seconds: int = 86400
+    # A client certificate every connection presents (a VM agent's), and
+    # whether the bearer tokens are sent too.
+    client_cert_pem: bytes | None = None
+    client_key_pem: bytes | None = None
+    use_tokens: bool = True
 
     @staticmethod
     def token(process_index: int, connection_index: int) -> str:
@@ -140,11 +145,12 @@ class IstioTarget:
         import grpc
 
         channel = grpc.aio.secure_channel(
-            self.address, grpc.ssl_channel_credentials(self.root_pem),
+            self.address, grpc.ssl_channel_credentials(self.root_pem, self.client_key_pem, self.client_cert_pem),
             options=[("grpc.ssl_target_name_override", self.server_name), ("grpc.use_local_subchannel_pool", 1)])
         await asyncio.wait_for(channel.channel_ready(), timeout=30)
-        headers = (("authorization", f"Bearer {self.token(process_index, connection_index)}"),
-                   ("clusterid", self.cluster_id))
+        headers: tuple[tuple[str, str], ...] = (("clusterid", self.cluster_id),)
+        if self.use_tokens:
+            headers = (("authorization", f"Bearer {self.token(process_index, connection_index)}"), *headers)
         return channel, headers
 
 

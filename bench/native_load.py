@@ -33,7 +33,7 @@ from typing import Any
 from bench.cfssl_peer import SIGN_PATH, CfsslTarget
 from bench.loadgen import BulkTarget, IstioTarget, LoadSpec, measure_window, summarise
 
-__all__ = ["GeneratorUnavailable", "agentload_binary", "cache_dir", "run_native_load"]
+__all__ = ["GeneratorUnavailable", "agentload_binary", "cache_dir", "go_binary", "run_native_load"]
 
 _SOURCE = Path(__file__).resolve().parent / "agentload" / "main.go"
 _GOPATH = Path("/usr/share/gocode")           # where Debian's golang-*-dev packages put their sources
@@ -54,22 +54,28 @@ def cache_dir() -> Path:
 
 def agentload_binary() -> Path:
     """The built generator, compiled now if this source has not been yet."""
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
-    binary = cache_dir() / f"agentload-{digest}"
+    return go_binary(_SOURCE.parent, "agentload")
+
+
+def go_binary(source_dir: Path, name: str) -> Path:
+    """A bench Go program built from ``source_dir`` (once per source: the
+    binary is keyed by the hash of its main.go) with Debian's Go and grpc-go."""
+    digest = hashlib.sha256((source_dir / "main.go").read_bytes()).hexdigest()[:16]
+    binary = cache_dir() / f"{name}-{digest}"
     if binary.exists():
         return binary
     go = shutil.which("go")
     if go is None or not (_GOPATH / "src" / "google.golang.org" / "grpc").is_dir():
-        raise GeneratorUnavailable(f"the native load generator needs Go and grpc-go's sources: {_INSTALL_HINT}")
+        raise GeneratorUnavailable(f"bench/{name} needs Go and grpc-go's sources: {_INSTALL_HINT}")
     binary.parent.mkdir(parents=True, exist_ok=True)
     partial = binary.with_suffix(".partial")
     # GOPATH mode against Debian's packaged sources: nothing is fetched.
     env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(_GOPATH), "GOFLAGS": "",
            "GOCACHE": str(cache_dir() / "go-build")}
-    result = subprocess.run([go, "build", "-o", str(partial), "."], cwd=_SOURCE.parent, env=env,
+    result = subprocess.run([go, "build", "-o", str(partial), "."], cwd=source_dir, env=env,
                             capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
-        raise GeneratorUnavailable(f"building bench/agentload failed ({_INSTALL_HINT}?):\n{result.stderr[-2000:]}")
+        raise GeneratorUnavailable(f"building bench/{name} failed ({_INSTALL_HINT}?):\n{result.stderr[-2000:]}")
     partial.replace(binary)      # atomic: a concurrent run never sees half a binary
     return binary
 
@@ -89,9 +95,16 @@ def native_config(target: Any, spec: LoadSpec, csrs: list[bytes], workdir: Path)
         requests.write_bytes(_records([target.prepare(csr).SerializeToString() for csr in csrs]))
         root = workdir / "root.pem"
         root.write_bytes(target.root_pem)
+        identity: dict[str, str] = {}
+        if target.client_cert_pem is not None:
+            (workdir / "client-cert.pem").write_bytes(target.client_cert_pem)
+            key_file = workdir / "client-key.pem"
+            key_file.write_bytes(target.client_key_pem or b"")
+            key_file.chmod(0o600)
+            identity = {"client_cert_file": str(workdir / "client-cert.pem"), "client_key_file": str(key_file)}
+        tokens = [target.token(0, i) for i in range(spec.connections)] if target.use_tokens else []
         return {**common, "kind": "istio", "root_pem_file": str(root), "server_name": target.server_name,
-                "method": _ISTIO_METHOD, "cluster_id": target.cluster_id,
-                "tokens": [target.token(0, i) for i in range(spec.connections)]}
+                "method": _ISTIO_METHOD, "cluster_id": target.cluster_id, "tokens": tokens, **identity}
     if isinstance(target, CfsslTarget):
         requests.write_bytes(_records([target.body(csr) for csr in csrs]))
         return {**common, "kind": "cfssl", "method": SIGN_PATH}

@@ -68,7 +68,7 @@ BULK_TARGET = 15000                  # bench/README.md, target 5, certificates/s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastca bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cpus = os.cpu_count() or 1
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the report gives medians [3]")

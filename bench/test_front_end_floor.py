@@ -16,7 +16,7 @@ from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("kind", ["nghttp2", "grpc-aio"])
+@pytest.mark.parametrize("kind", ["native", "grpc-aio"])
 def test_echo_servers_answer_a_grpcio_client(kind, tmp_path):
     with EchoServer(kind, tmp_path) as server:
         async def calls():
@@ -36,7 +36,7 @@ def test_echo_servers_answer_a_grpcio_client(kind, tmp_path):
 
 
 def test_a_request_that_is_not_a_request_fails_the_call_not_the_server(tmp_path):
-    with EchoServer("nghttp2", tmp_path) as server:
+    with EchoServer("native", tmp_path) as server:
         async def calls():
             credentials = grpc.ssl_channel_credentials(server.root_pem)
             async with grpc.aio.secure_channel(server.address, credentials,

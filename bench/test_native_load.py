@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("native-load")
-    with FakeApiServer(workdir) as api, FastcaServer(workdir / "fastca", api.url, api.ca_file) as running:
+    # Refusals are counted in bulk here: the per-connection bound on refused
+    # authentications is lifted (its own test is in tests/frontend).
+    with FakeApiServer(workdir) as api, FastcaServer(workdir / "fastca", api.url, api.ca_file,
+                                                     server_settings={"max_unauthenticated_calls": 1_000_000}) as running:
         yield running
 
 
@@ -63,6 +66,35 @@ def test_refusals_are_counted_by_their_grpc_status(server):
     assert set(summary["errors"]) == {"UNAUTHENTICATED"} and summary["errors"]["UNAUTHENTICATED"] > 0
     assert summary["error_latency_ms"]["p50"] > 0
     assert _issued(server) == before
+
+
+def test_grpc_go_with_a_client_certificate_a_token_or_neither_on_one_port(server):
+    """The Istio agent's client stack on fastca's main port: a VM's client
+    certificate, a sidecar's token, or nothing (UNAUTHENTICATED)."""
+    csrs = make_csrs(8, "rsa-2048", distinct_keys=2)
+    spec = LoadSpec(connections=2, warmup_s=0.2, duration_s=1.0, call_timeout_s=10.0)
+    cert, key = server.client_identity("spiffe://cluster.local/ns/vm/sa/grpc-go")
+    plain = IstioTarget(server.address, server.root_pem)
+    with_cert = replace(plain, client_cert_pem=cert, client_key_pem=key, use_tokens=False)
+    neither = replace(plain, use_tokens=False)
+    for target in (with_cert, plain):
+        summary = run_native_load(target, spec, csrs, server_pid=None)
+        assert summary["errors"] == {} and summary["ok"] > 0, summary["errors"]
+    refused = run_native_load(neither, spec, csrs, server_pid=None)
+    assert refused["ok"] == 0 and set(refused["errors"]) == {"UNAUTHENTICATED"}
+
+
+def test_the_istiod_shaped_peer_serves_both_ways(tmp_path):
+    from bench.go_peer import GoPeer
+
+    csrs = make_csrs(8, "rsa-2048", distinct_keys=2)
+    spec = LoadSpec(connections=2, warmup_s=0.2, duration_s=1.0, call_timeout_s=10.0)
+    with GoPeer(tmp_path, connections=2) as peer:
+        for target in (peer.target(), peer.target(client_certificate=True)):
+            summary = run_native_load(target, spec, csrs, server_pid=peer.pid)
+            assert summary["errors"] == {} and summary["ok"] > 0 and summary["server_cpu_s"] > 0
+        refused = run_native_load(replace(peer.target(), use_tokens=False), spec, csrs, server_pid=None)
+        assert refused["ok"] == 0 and set(refused["errors"]) == {"UNAUTHENTICATED"}
 
 
 def test_a_root_bundle_without_certificates_stops_it_with_the_reason(server):

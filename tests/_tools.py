@@ -26,6 +26,7 @@ INSTALL_STEPS: dict[str, str] = {
     "openssl": "apt-get install openssl (dev/install)",
     "certtool": "apt-get install gnutls-bin (dev/install)",
     "softhsm2-util": "apt-get install softhsm2 (dev/install)",
+    "h2load": "apt-get install nghttp2-client (dev/test)",
 }
 
 

@@ -47,13 +47,17 @@ type config struct {
 	ServerName   string   `json:"server_name"`
 	Method       string   `json:"method"`
 	RequestsFile string   `json:"requests_file"`
-	Tokens       []string `json:"tokens"` // one per connection (istio)
-	ClusterID    string   `json:"cluster_id"`
-	Connections  int      `json:"connections"`
-	WarmupS      float64  `json:"warmup_s"`
-	DurationS    float64  `json:"duration_s"`
-	CallTimeoutS float64  `json:"call_timeout_s"`
-	Rate         float64  `json:"rate"` // total calls/s; 0: closed loop
+	Tokens       []string `json:"tokens"` // one per connection (istio); none: no authorization header
+	// A client certificate for every connection (a VM agent's PROV_CERT);
+	// empty: none is presented.
+	ClientCertFile string  `json:"client_cert_file"`
+	ClientKeyFile  string  `json:"client_key_file"`
+	ClusterID      string  `json:"cluster_id"`
+	Connections    int     `json:"connections"`
+	WarmupS        float64 `json:"warmup_s"`
+	DurationS      float64 `json:"duration_s"`
+	CallTimeoutS   float64 `json:"call_timeout_s"`
+	Rate           float64 `json:"rate"` // total calls/s; 0: closed loop
 }
 
 type report struct {
@@ -180,7 +184,15 @@ func (c *cfsslCaller) close() { c.client.CloseIdleConnections() }
 func connect(cfg *config, index int, roots *x509.CertPool) (caller, error) {
 	switch cfg.Kind {
 	case "istio":
-		creds := credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: cfg.ServerName})
+		tlsConfig := &tls.Config{RootCAs: roots, ServerName: cfg.ServerName}
+		if cfg.ClientCertFile != "" {
+			pair, err := tls.LoadX509KeyPair(cfg.ClientCertFile, cfg.ClientKeyFile)
+			if err != nil {
+				return nil, err
+			}
+			tlsConfig.Certificates = []tls.Certificate{pair}
+		}
+		creds := credentials.NewTLS(tlsConfig)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		// Each ClientConn dials its own TCP connection and TLS session.
@@ -189,7 +201,10 @@ func connect(cfg *config, index int, roots *x509.CertPool) (caller, error) {
 		if err != nil {
 			return nil, err
 		}
-		header := metadata.Pairs("authorization", "Bearer "+cfg.Tokens[index], "clusterid", cfg.ClusterID)
+		header := metadata.Pairs("clusterid", cfg.ClusterID)
+		if len(cfg.Tokens) > 0 {
+			header.Set("authorization", "Bearer "+cfg.Tokens[index%len(cfg.Tokens)])
+		}
 		return &istioCaller{conn: conn, method: cfg.Method, header: header}, nil
 	case "cfssl":
 		transport := &http.Transport{MaxConnsPerHost: 1, MaxIdleConnsPerHost: 1, DisableCompression: true}
@@ -293,7 +308,7 @@ func run(cfg *config) (*report, error) {
 		if !roots.AppendCertsFromPEM(pem) {
 			return nil, errors.New("no certificate in the root bundle")
 		}
-		if len(cfg.Tokens) < cfg.Connections {
+		if len(cfg.Tokens) > 0 && len(cfg.Tokens) < cfg.Connections {
 			return nil, fmt.Errorf("%d tokens for %d connections", len(cfg.Tokens), cfg.Connections)
 		}
 	}

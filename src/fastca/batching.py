@@ -136,11 +136,15 @@ class Batcher(Generic[T, R]):
         """Submit without a coroutine: ``on_done(result)`` runs on the event
         loop unless the returned ticket was abandoned first. Raises Overloaded
         or CANotReady at once if the item cannot be taken."""
-        self._check_room(1)
         ticket = Ticket(on_done)  # type: ignore[arg-type]
-        call = _Call(1, None, ticket)
-        self._take([item], call, asyncio.get_running_loop())
+        self.submit_ticket(item, ticket)
         return ticket
+
+    def submit_ticket(self, item: T, ticket: Ticket) -> None:
+        """``submit_then`` with a ticket made beforehand (so the item can know
+        its own ticket before any thread sees it)."""
+        self._check_room(1)
+        self._take([item], _Call(1, None, ticket), asyncio.get_running_loop())
 
     # -- on the event loop -----------------------------------------------------
 

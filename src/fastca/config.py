@@ -68,11 +68,12 @@ class IssuanceConfig(_Section):
 
 
 class ServerConfig(_Section):
+    # The main port requests a client certificate and verifies it if one is
+    # offered (as istiod's 15012 does), so VMs with PROV_CERT and sidecars
+    # with tokens share it.
     listen: str = "127.0.0.1:15012"
-    # grpcio's Python API cannot "request a client certificate and verify it
-    # if given" on one port (it either requires one or never asks), so
-    # client-certificate callers (VMs with PROV_CERT) use a second port that
-    # requires and verifies one. None: no such port.
+    # An extra port that *requires* a client certificate, for deployments that
+    # want token callers kept off it. None: no such port.
     mtls_listen: str | None = None
     plaintext: bool = False             # Istio's :15010 case; no TLS at all
     metrics_listen: str | None = "127.0.0.1:15014"
@@ -90,11 +91,16 @@ class ServerConfig(_Section):
     # bench/RESULTS.md has the comparisons.
     batch_delay_us: int = Field(2000, ge=0)
     queue_limit: int = Field(4096, ge=1)
-    # Calls a worker holds at once, counted by grpc before any of ours runs:
-    # under overload the queue forms in front of the event loop, not in the
-    # batcher, so this is the bound that answers RESOURCE_EXHAUSTED at once
-    # and keeps memory flat (bench/RESULTS.md, "Overload").
-    max_concurrent_rpcs: int = Field(256, ge=1)
+    # Calls a worker holds at once, across its connections: past it a new
+    # call is answered RESOURCE_EXHAUSTED as soon as its headers are in.
+    max_concurrent_rpcs: int = Field(1024, ge=1)
+    # HTTP/2 per connection: streams open at once (refused beyond), and the
+    # request headers of one call, names and values (INVALID_ARGUMENT beyond).
+    max_concurrent_streams: int = Field(100, ge=1, le=10_000)
+    max_metadata_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    handshake_timeout_seconds: float = Field(10.0, gt=0)        # TLS handshake, from accept
+    idle_timeout_seconds: float = Field(300.0, ge=0)            # no call for this long: GOAWAY (0: never)
+    max_unauthenticated_calls: int = Field(256, ge=1)           # refused authentications, then the connection goes
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     workers: int = Field(0, ge=0, le=64)   # server processes sharing the port; 0: one per CPU
 

@@ -257,6 +257,32 @@ def test_mtls_client_certificate_on_the_mtls_port(mesh, tmp_path):
     assert code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_client_certificate_token_or_neither_on_the_main_port(mesh, tmp_path):
+    """istiod's 15012: a client certificate is asked for and verified if
+    offered, so a VM agent (PROV_CERT) and a sidecar (token) share the port;
+    with neither the call is UNAUTHENTICATED, and a certificate from another
+    root fails the handshake."""
+    hsm_conf = mesh.state / "softhsm2.conf"
+    key_pem, chain_pem = _client_identity_pair(mesh.state, tmp_path, "spiffe://cluster.local/ns/vm/sa/on-main",
+                                               hsm_conf)
+    vm = RecordingClient(mesh.address, mesh.root_pem, token=None, client_key_pem=key_pem, client_cert_pem=chain_pem)
+    for csr in agent_csrs("rsa2048")[:2]:        # the connection's verdict is reused for its next calls
+        assert _uris(_leaf(vm.create_certificate(csr.pem))) == ["spiffe://cluster.local/ns/vm/sa/on-main"]
+    sidecar = RecordingClient(mesh.address, mesh.root_pem, token=WORKLOAD_TOKEN)
+    assert _uris(_leaf(sidecar.create_certificate(agent_csrs("ec256")[0].pem))) == [
+        "spiffe://cluster.local/ns/payments/sa/api"]
+    neither = AgentClient(mesh.address, mesh.root_pem, token=None)
+    code, details = _code(lambda: neither.create_certificate(agent_csrs()[0].pem))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and details == "request authenticate failure"
+    other_key, other_chain = _client_identity_pair(mesh.state.parent / "other-ca", tmp_path,
+                                                   "spiffe://cluster.local/ns/vm/sa/on-main", hsm_conf,
+                                                   mesh_audit=False)
+    stranger = AgentClient(mesh.address, mesh.root_pem, token=WORKLOAD_TOKEN, client_key_pem=other_key,
+                           client_cert_pem=other_chain)
+    code, _ = _code(lambda: stranger.create_certificate(agent_csrs()[0].pem, timeout=5))
+    assert code == grpc.StatusCode.UNAVAILABLE          # the handshake failed: no call was made
+
+
 def test_policies(mesh):
     pem = agent_csrs("ec256")[0].pem
     limited = client(mesh, token=service_account_token("busy", "bee"))

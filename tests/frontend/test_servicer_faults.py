@@ -180,9 +180,9 @@ def _stuck_calls(client: AgentClient, signer: FaultySigner, count: int, refused:
 
 
 def test_concurrent_call_bound_refuses_before_the_handler(ec_token_ca, tmp_path):
-    """Under overload the calls queue in front of the event loop, where the
-    batcher cannot see them: grpc's own bound (server.max_concurrent_rpcs)
-    refuses the excess at once, and the held calls finish when the HSM returns."""
+    """The worker's bound on calls held at once (server.max_concurrent_rpcs)
+    refuses the excess as soon as their headers are in, before any handler,
+    and the held calls finish when the HSM returns."""
     with _serving(ec_token_ca, tmp_path, max_concurrent_rpcs=3, queue_limit=100) as (server, signer, client, _):
         results = _stuck_calls(client, signer, 9, 6)
         assert sorted(results) == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 6

@@ -8,7 +8,16 @@ from typing import Mapping, Protocol, runtime_checkable
 
 from fastca.errors import AuthenticationFailed
 
-__all__ = ["KubernetesInfo", "Caller", "RequestInfo", "Authenticator", "MAX_BEARER_TOKEN_BYTES"]
+__all__ = ["KubernetesInfo", "Caller", "RequestInfo", "Authenticator", "MAX_BEARER_TOKEN_BYTES", "PENDING"]
+
+class _Pending:
+    """What ``authenticate_now`` returns when only awaiting can tell."""
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()
 
 # Service-account and OIDC tokens are a few KiB; anything far larger is refused unread.
 MAX_BEARER_TOKEN_BYTES = 16 * 1024
@@ -44,6 +53,10 @@ class RequestInfo:
     # DER certificates the TLS layer verified against the CA roots, leaf first;
     # empty when the peer presented none.
     peer_certificates: tuple[bytes, ...] = field(default=())
+    # Per-connection memory (a dict the front end keeps for the connection):
+    # what depends only on the connection, such as the client certificate's
+    # verdict, is worked out once and found here by the connection's next calls.
+    connection_cache: dict | None = field(default=None, compare=False)
 
     @property
     def bearer_token(self) -> str | None:
@@ -75,7 +88,11 @@ class RequestInfo:
 class Authenticator(Protocol):
     """One way of authenticating. Returns None when the request carries no
     credential of its kind; raises fastca.errors.AuthenticationFailed (with
-    an internal detail) when it carries one that does not hold."""
+    an internal detail) when it carries one that does not hold.
+
+    An authenticator may also offer ``authenticate_now(request)``, the same
+    verdict without awaiting, returning PENDING when it cannot give one
+    without I/O (the chain then awaits ``authenticate``)."""
 
     name: str
 

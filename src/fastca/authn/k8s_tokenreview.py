@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from fastca.authn._kube import KubernetesApi
-from fastca.authn.caller import Caller, KubernetesInfo, RequestInfo
+from fastca.authn.caller import PENDING, Caller, KubernetesInfo, RequestInfo
 from fastca.authn.config import TokenReviewCluster
 from fastca.authn.serviceaccount import (
     parse_service_account_username,
@@ -121,6 +121,17 @@ class TokenReviewAuthenticator:
 
     def __repr__(self) -> str:
         return f"TokenReviewAuthenticator(clusters={list(self._apis)}, {self.cache!r})"
+
+    def authenticate_now(self, request: RequestInfo) -> Caller | object | None:
+        """A cached review's verdict at once; PENDING when the API server must be asked."""
+        token = request.bounded_bearer_token()
+        if token is None:
+            return None
+        cluster_id = request.cluster_id or self._default
+        if cluster_id not in self._apis:
+            raise AuthenticationFailed(f"unknown cluster {cluster_id!r}")
+        cached = self.cache.get(TokenReviewCache.key(cluster_id, token))
+        return cached if cached is not None else PENDING
 
     async def authenticate(self, request: RequestInfo) -> Caller | None:
         token = request.bounded_bearer_token()

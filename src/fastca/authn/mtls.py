@@ -25,6 +25,7 @@ from fastca.errors import AuthenticationFailed
 __all__ = ["MtlsAuthenticator", "certificate_identities"]
 
 RootsSource = Sequence[x509.Certificate] | Callable[[], Sequence[x509.Certificate]]
+_CACHE_KEY = "mtls"
 
 
 def certificate_identities(certificate: x509.Certificate) -> list[str]:
@@ -69,10 +70,34 @@ class MtlsAuthenticator:
         return self._store
 
     async def authenticate(self, request: RequestInfo) -> Caller | None:
+        return self.authenticate_now(request)
+
+    def authenticate_now(self, request: RequestInfo) -> Caller | None:
+        """The leaf's verdict, worked out once per connection: the connection
+        presented its certificate at the handshake, and every call on it
+        carries the same one (the per-call path does no X.509 work)."""
         if not request.peer_certificates:
             return None
+        cache = request.connection_cache
+        if cache is not None:
+            known = cache.get(_CACHE_KEY)
+            if known is not None and known[0] == request.peer_certificates:
+                if isinstance(known[1], AuthenticationFailed):
+                    raise known[1]
+                return known[1]
         try:
-            chain = [x509.load_der_x509_certificate(der) for der in request.peer_certificates]
+            verdict: Caller | AuthenticationFailed = self._judge(request.peer_certificates)
+        except AuthenticationFailed as error:
+            verdict = error
+        if cache is not None:
+            cache[_CACHE_KEY] = (request.peer_certificates, verdict)
+        if isinstance(verdict, AuthenticationFailed):
+            raise verdict
+        return verdict
+
+    def _judge(self, certificates: tuple[bytes, ...]) -> Caller:
+        try:
+            chain = [x509.load_der_x509_certificate(der) for der in certificates]
         except ValueError as exc:
             raise AuthenticationFailed(f"peer certificate does not parse: {exc}") from None
         leaf = chain[0]

@@ -135,6 +135,9 @@ class XfccAuthenticator:
         return any(ip.version == net.version and ip in net for net in self.trusted)
 
     async def authenticate(self, request: RequestInfo) -> Caller | None:
+        return self.authenticate_now(request)
+
+    def authenticate_now(self, request: RequestInfo) -> Caller | None:
         header = request.metadata.get(XFCC_HEADER)
         if header is None:
             return None

@@ -59,9 +59,20 @@ class Admission:
                 raise AuthenticationFailed("impersonation requested but no trusted node accounts are configured",
                                            public_message=IMPERSONATION_FAILURE)
             await self._node_authorizer.authorize(caller, impersonate, self.trust_domain)
-            identity = impersonate
-        else:
-            identity = spiffe_identity_of(caller, self.trust_domain)
+        return self._decide(caller, info, csr=csr, ttl_seconds=ttl_seconds, impersonate=impersonate,
+                            request_id=request_id)
+
+    def admit_now(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int,
+                  impersonate: str, request_id: str) -> tuple[IssueRequest, IssuanceContext] | None:
+        """``admit`` without awaiting, for a caller asking for its own identity;
+        None for impersonation, which the node authorizer decides (await ``admit``)."""
+        if impersonate:
+            return None
+        return self._decide(caller, info, csr=csr, ttl_seconds=ttl_seconds, impersonate="", request_id=request_id)
+
+    def _decide(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int, impersonate: str,
+                request_id: str) -> tuple[IssueRequest, IssuanceContext]:
+        identity = impersonate or spiffe_identity_of(caller, self.trust_domain)
         self._policy.check(identity, info.peer_ip)
         return (IssueRequest(csr=csr, identity=identity, ttl_seconds=ttl_seconds,
                              strict_csr=self._policy.strict_csr and not impersonate),

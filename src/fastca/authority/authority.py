@@ -151,7 +151,11 @@ class Authority:
         """Issue without a coroutine: ``on_done(outcome)`` runs on the event
         loop unless the ticket is abandoned first (the caller left), in which
         case the request is dropped before it is signed, if it has not been."""
-        return self._batcher.submit_then(Work(request, context), on_done)
+        ticket = Ticket(on_done)  # type: ignore[arg-type]
+        work = Work(request, context)
+        work.ticket = ticket          # the record stage skips it if the caller left meanwhile
+        self._batcher.submit_ticket(work, ticket)
+        return ticket
 
     # -- local principals and the probe, off the event loop -----------------------
 

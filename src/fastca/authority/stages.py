@@ -29,6 +29,7 @@ from fastca.config import IssuanceConfig
 from fastca.errors import CANotReady, CANotValid, FastcaError, InvalidRequest, SigningFailed
 from fastca.policy.ttl import validity_window
 from fastca.authority.request import IssuedCertificate, IssueRequest
+from fastca.batching import Ticket
 from fastca.observability.logging import get_logger
 from fastca.signing.base import Signer
 
@@ -50,7 +51,7 @@ class AuditSink(Protocol):
 class Work:
     """One request on its way through the stages."""
 
-    __slots__ = ("request", "context", "record", "spec", "prepared", "signature", "der", "outcome")
+    __slots__ = ("request", "context", "record", "spec", "prepared", "signature", "der", "outcome", "ticket")
 
     def __init__(self, request: IssueRequest, context: IssuanceContext | None, record: bool = True) -> None:
         self.request = request
@@ -61,6 +62,7 @@ class Work:
         self.signature: bytes | None = None
         self.der: bytes | None = None
         self.outcome: IssuedCertificate | FastcaError | None = None   # None: still going
+        self.ticket: Ticket | None = None     # a callback submission's: abandoned when the caller left
 
     def fail(self, error: FastcaError) -> None:
         self.outcome = error
@@ -240,6 +242,11 @@ class Record:
         records: list[IssuanceRecord] = []
         try:
             for work in works:
+                if work.ticket is not None and work.ticket.abandoned and isinstance(work.outcome, IssuedCertificate):
+                    # Its caller left (deadline, reset stream) while it was
+                    # signed: it is thrown away, so it is not recorded either.
+                    work.fail(CANotReady("the caller went away before the certificate was ready"))
+                    continue
                 if isinstance(work.outcome, IssuedCertificate) and work.record:
                     if work.context is None:
                         raise TypeError("a certificate to record has no IssuanceContext")

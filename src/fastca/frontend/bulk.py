@@ -7,7 +7,7 @@ policy). The admitted elements go to their Authority in one submission, so
 they reach the native core together, are recorded in the audit log
 together, and cost the event loop one wake-up per batch rather than one per
 certificate. An element that fails carries its own status; the others are
-unaffected.
+unaffected. A bulk call runs in a task of its own (it is rare and large).
 """
 
 from __future__ import annotations
@@ -15,37 +15,56 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
+from google.protobuf.message import DecodeError
 
 from fastca.audit.record import IssuanceContext
 from fastca.authority import Authority, IssueRequest, Outcome
 from fastca.errors import FastcaError, InvalidRequest
+from fastca.frontend._grpc import RESOURCE_EXHAUSTED, Call
+from fastca.frontend.context import request_info
 from fastca.frontend.istio_ca import IssuanceService
-from fastca.proto import bulk_pb2, bulk_pb2_grpc
+from fastca.observability.logging import new_request_id
+from fastca.proto import bulk_pb2
 
-__all__ = ["BULK_METHOD", "BULK_SERVICE", "MAX_BULK_REQUESTS", "BulkCertificateServicer"]
+__all__ = ["BULK_METHOD", "BULK_SERVICE", "MAX_BULK_REQUESTS", "CreateCertificates"]
 
 BULK_SERVICE = "fastca.v1.BulkCertificateService"
 BULK_METHOD = "CreateCertificates"
 MAX_BULK_REQUESTS = 1000
 
 
-class BulkCertificateServicer(bulk_pb2_grpc.BulkCertificateServiceServicer):
+class CreateCertificates:
+    streaming = False
+
     def __init__(self, service: IssuanceService) -> None:
         self._service = service
 
-    async def CreateCertificates(self, request: bulk_pb2.BulkCertificateRequest,  # noqa: N802 - gRPC name
-                                 context: grpc.aio.ServicerContext) -> bulk_pb2.BulkCertificateResponse:
+    def accepts(self, call: Call) -> bool:
+        if self._service.authorities.default.full:
+            call.fail(RESOURCE_EXHAUSTED, "server overloaded, retry later")
+            return False
+        return True
+
+    def handle(self, call: Call) -> None:
+        self._service.spawn(call, self._run(call, new_request_id()))
+
+    async def _run(self, call: Call, request_id: str) -> None:
         service = self._service
-        async with service.rpc(context, BULK_SERVICE, BULK_METHOD) as request_id:
+        try:
+            try:
+                request = bulk_pb2.BulkCertificateRequest.FromString(call.message)
+            except DecodeError:
+                raise InvalidRequest("the request is not a BulkCertificateRequest message") from None
             if len(request.requests) > MAX_BULK_REQUESTS:
                 raise InvalidRequest(f"{len(request.requests)} requests in one call; at most "
                                      f"{MAX_BULK_REQUESTS} are accepted")
-            caller, info = await service.authenticate(context)
+            info = request_info(call)
+            caller = await service.authenticators.authenticate(info)
             started = time.perf_counter()
             outcomes: list[Outcome | None] = []   # None: admitted, not issued yet
             by_authority: dict[Authority, list[tuple[int, IssueRequest, IssuanceContext]]] = {}
             for index, element in enumerate(request.requests):
+                service.metrics.csr_received()
                 try:
                     authority, issue_request, issue_context = await service.admit(
                         element, caller, info, f"{request_id}.{index}")
@@ -67,12 +86,13 @@ class BulkCertificateServicer(bulk_pb2_grpc.BulkCertificateServiceServicer):
             for outcome in outcomes:
                 assert outcome is not None
                 if isinstance(outcome, FastcaError):
-                    status = getattr(grpc.StatusCode, service.refused(outcome))
-                    results.append(bulk_pb2.BulkCertificateResult(code=status.value[0],
+                    results.append(bulk_pb2.BulkCertificateResult(code=service.refused(outcome, request_id),
                                                                   message=outcome.public_message))
                 else:
-                    results.append(bulk_pb2.BulkCertificateResult(code=0, cert_chain=list(outcome.chain)))
+                    results.append(bulk_pb2.BulkCertificateResult(code=0, cert_chain=outcome.chain))
             issued = sum(1 for result in results if result.code == 0)
             if issued:
                 service.issued(elapsed, issued)
-            return bulk_pb2.BulkCertificateResponse(results=results)
+            call.respond(bulk_pb2.BulkCertificateResponse(results=results).SerializeToString())
+        except Exception as error:  # noqa: BLE001 - answered, never raised into the loop
+            service.fail(call, error, request_id)

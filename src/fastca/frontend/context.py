@@ -1,4 +1,4 @@
-"""From a grpc.aio call to the RequestInfo authenticators read."""
+"""From a native call to the RequestInfo authenticators read."""
 
 from __future__ import annotations
 
@@ -6,16 +6,10 @@ import functools
 import ipaddress
 from urllib.parse import unquote
 
-import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from fastca.authn.caller import RequestInfo
+from fastca.frontend._grpc import Call
 
 __all__ = ["request_info", "peer_ip"]
-
-# Header values an agent sends are short; a huge one is an attack, not a credential.
-_MAX_HEADER_BYTES = 16 * 1024
 
 
 # An agent keeps its connection, so the same peer string comes back call
@@ -36,21 +30,11 @@ def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def request_info(context: grpc.aio.ServicerContext) -> RequestInfo:
-    metadata: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
-        if key.endswith("-bin") or key in metadata:
-            continue
-        text = value if isinstance(value, str) else value.decode("latin-1")
-        if len(text) <= _MAX_HEADER_BYTES:
-            metadata[key.lower()] = text
-    peer = context.peer() or ""
-    certificates: tuple[bytes, ...] = ()
-    auth = context.auth_context() or {}
-    pem_certs = auth.get("x509_pem_cert") or []
-    if pem_certs:
-        # grpcio exposes only the leaf, and only after the TLS layer verified
-        # the chain (the mTLS port requires and verifies client certificates).
-        leaf = x509.load_pem_x509_certificate(pem_certs[0])
-        certificates = (leaf.public_bytes(serialization.Encoding.DER),)
-    return RequestInfo(metadata=metadata, peer=peer, peer_ip=peer_ip(peer), peer_certificates=certificates)
+def request_info(call: Call) -> RequestInfo:
+    """The call's metadata (lower-case keys, the first value of each, bounded
+    by the core; ``-bin`` values as bytes), its peer, the client certificate
+    the TLS layer verified on its connection, and that connection's cache."""
+    connection = call.connection
+    certificate = connection.peer_certificate
+    return RequestInfo(metadata=call.metadata, peer=connection.peer, peer_ip=peer_ip(connection.peer),
+                       peer_certificates=(certificate,) if certificate else (), connection_cache=connection.cache)

@@ -1,22 +1,31 @@
-"""istio.v1.auth.IstioCertificateService/CreateCertificate.
+"""istio.v1.auth.IstioCertificateService/CreateCertificate on the native core.
 
 Thin: decode, authenticate, hand the request to the Authority its
 ``CertSigner`` selects (admission and everything after happen there), then
 map errors to the contract's status codes. The CSR is not looked at before
 the caller is authenticated and admitted (docs/reliability.md, case 1).
+
+A call whose caller can be judged at once (a client certificate already
+verified on its connection, a cached TokenReview, XFCC) goes from the
+protocol callback to the Authority's batcher and back without a coroutine;
+one that needs I/O first (a TokenReview not cached yet, OIDC,
+impersonation) continues in a task. Either way a call that goes away (its
+deadline, a reset stream) abandons its place in the batch: it is not signed
+if it has not been, and never recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
-import grpc
+from google.protobuf.message import DecodeError
 
 from fastca.audit.record import IssuanceContext, IssuanceRecord
 from fastca.authn.caller import Caller, RequestInfo
 from fastca.authn.chain import AuthenticatorChain
-from fastca.authority import Authorities, Authority, IssuedCertificate, IssueRequest
+from fastca.authority import Authorities, Authority, IssueRequest, Outcome
 from fastca.errors import (
     AuthenticationFailed,
     CANotReady,
@@ -24,15 +33,17 @@ from fastca.errors import (
     FastcaError,
     InvalidRequest,
     InvalidTTL,
+    Overloaded,
     SigningFailed,
     grpc_status_of,
 )
+from fastca.frontend._grpc import INTERNAL, RESOURCE_EXHAUSTED, Call
 from fastca.frontend.context import request_info
-from fastca.observability.logging import enter_request, get_logger, leave_request, log_many, new_request_id
-from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
+from fastca.observability.logging import get_logger, log_many, new_request_id
+from fastca.proto import istio_ca_pb2
 
-__all__ = ["IssuanceService", "log_recorded", "IstioCertificateServicer", "SERVICE", "METHOD",
-           "metadata_strings"]
+__all__ = ["SERVICE", "METHOD", "CreateCertificate", "IssuanceService", "log_recorded", "metadata_strings",
+           "STATUS_CODES"]
 
 SERVICE = "istio.v1.auth.IstioCertificateService"
 METHOD = "CreateCertificate"
@@ -40,22 +51,32 @@ IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 CERT_SIGNER = "CertSigner"
 _MAX_METADATA_FIELDS = 16
 _MAX_METADATA_VALUE_BYTES = 4096
+_MAX_KEY_SHOWN = 64
+
+# grpc.StatusCode names as google.rpc.Code numbers.
+STATUS_CODES = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+                "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+                "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+                "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16}
+STATUS_NAMES = {number: name for name, number in STATUS_CODES.items()}
 
 log = get_logger("fastca.frontend")
 
 
 def metadata_strings(struct: Any) -> dict[str, str]:
     """The Struct's string values. Agents send only strings; anything else
-    (nested structs, lists, numbers) is refused before any CSR parsing."""
+    (nested structs, lists, numbers) is refused before any CSR parsing. A key
+    is never echoed whole: it is the caller's text, of any length."""
     fields = struct.fields
     if len(fields) > _MAX_METADATA_FIELDS:
         raise InvalidRequest(f"metadata has {len(fields)} fields; at most {_MAX_METADATA_FIELDS} are accepted")
     out: dict[str, str] = {}
     for key, value in fields.items():
+        shown = key if len(key) <= _MAX_KEY_SHOWN else key[:_MAX_KEY_SHOWN] + "…"
         if value.WhichOneof("kind") != "string_value":
-            raise InvalidRequest(f"metadata value {key!r} must be a string")
+            raise InvalidRequest(f"metadata value {shown!r} must be a string")
         if len(value.string_value) > _MAX_METADATA_VALUE_BYTES:
-            raise InvalidRequest(f"metadata value {key!r} is too long")
+            raise InvalidRequest(f"metadata value {shown!r} is too long")
         out[key] = value.string_value
     return out
 
@@ -73,7 +94,7 @@ def _sign_error_kind(error: FastcaError) -> str | None:
 
 
 def log_recorded(records: list[IssuanceRecord]) -> None:
-    """One "certificate issued" line per recorded certificate (the batcher's
+    """One "certificate issued" line per recorded certificate (the Authority's
     ``on_recorded``: called once per committed batch, off the event loop)."""
     log_many("fastca.frontend", "info", "certificate issued", [
         {"request_id": r.request_id, "peer": r.peer, "identity": r.identity, "serial": r.serial, "signer": r.signer,
@@ -82,21 +103,26 @@ def log_recorded(records: list[IssuanceRecord]) -> None:
 
 class IssuanceService:
     """What every certificate RPC does around the Authority, shared by the
-    Istio servicer (one request per call) and the bulk servicer (many)."""
+    Istio method (one request per call) and the bulk method (many)."""
 
-    def __init__(self, *, authenticators: AuthenticatorChain, authorities: Authorities, metrics: Any) -> None:
-        self._authenticators = authenticators
+    def __init__(self, *, authenticators: AuthenticatorChain, authorities: Authorities, metrics: Any,
+                 endpoint: Any = None) -> None:
+        self.authenticators = authenticators
         self.authorities = authorities
         self.metrics = metrics
+        self.endpoint = endpoint          # set by the front end: counts refused authentication per connection
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def authenticate(self, context: grpc.aio.ServicerContext) -> tuple[Caller, RequestInfo]:
-        info = request_info(context)
-        return await self._authenticators.authenticate(info), info
+    def spawn(self, call: Call, coroutine: Any) -> None:
+        """Continue a call in a task (it needs I/O); cancelled if the call goes away."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        call.on_cancel = task.cancel
 
     async def admit(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
                     request_id: str) -> tuple[Authority, IssueRequest, IssuanceContext]:
         """The Authority the request's CertSigner names, and its admission verdict."""
-        self.metrics.csr_received()
         metadata = metadata_strings(request.metadata)
         authority = self.authorities.select(metadata.get(CERT_SIGNER, ""))
         issue_request, context = await authority.admit(
@@ -104,91 +130,103 @@ class IssuanceService:
             impersonate=metadata.get(IMPERSONATED_IDENTITY, ""), request_id=request_id)
         return authority, issue_request, context
 
-    async def issue(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
-                    request_id: str) -> IssuedCertificate:
-        """Admission, then issuance. The Authority returns the certificate only
-        once its audit record is committed (and the "certificate issued" line
-        is logged then, by log_recorded)."""
-        started = time.perf_counter()
-        authority, issue_request, context = await self.admit(request, caller, info, request_id)
-        issued = await authority.issue_admitted(issue_request, context)
-        self.issued(time.perf_counter() - started)
-        return issued
-
     def issued(self, seconds: float, count: int = 1) -> None:
         self.metrics.issued(count)
         for _ in range(count):
             self.metrics.observe_issuance(seconds)
 
-    def rpc(self, context: grpc.aio.ServicerContext, service: str, method: str) -> _Rpc:
-        """``async with service.rpc(context, SERVICE, METHOD) as request_id:``
-        one call: a request id bound to its logs, a refusal turned into its
-        status and public message, and the call counted either way."""
-        return _Rpc(self, context, service, method)
-
-    def refused(self, error: FastcaError) -> str:
-        """Count and log a refusal; the gRPC status name to answer with."""
-        code = grpc_status_of(error)
+    def refused(self, error: FastcaError, request_id: str = "", call: Call | None = None) -> int:
+        """Count and log a refusal; the status code to answer with."""
+        name = grpc_status_of(error)
         if isinstance(error, AuthenticationFailed):
             self.metrics.authentication_failed(type(error).__name__)
+            if call is not None and self.endpoint is not None:
+                self.endpoint.authentication_refused(call)
         kind = _sign_error_kind(error)
         if kind is not None:
             self.metrics.sign_error(kind)
-        log.warning("request refused", code=code, reason=str(error))
-        return code
+        log.warning("request refused", code=name, reason=str(error), request_id=request_id,
+                    peer=call.connection.peer if call is not None else "")
+        return STATUS_CODES[name]
+
+    def fail(self, call: Call, error: BaseException, request_id: str) -> None:
+        """Answer a call with its error: a FastcaError's status and public
+        message, anything else INTERNAL with a generic message (the cause goes
+        to the log only)."""
+        if isinstance(error, FastcaError):
+            call.fail(self.refused(error, request_id, call), error.public_message)
+        else:
+            log.error("unexpected error", error=f"{type(error).__name__}: {error}", request_id=request_id,
+                      exc_info=(type(error), error, error.__traceback__))
+            call.fail(INTERNAL, "internal error")
 
 
-class _Rpc:
-    """IssuanceService.rpc's context manager (a class: it runs on every call,
-    and a generator-based one costs several times as much)."""
+class CreateCertificate:
+    """The method handler the core calls."""
 
-    __slots__ = ("_binding", "_context", "_method", "_service", "_service_name", "_started")
+    streaming = False
 
-    def __init__(self, service: IssuanceService, context: grpc.aio.ServicerContext, service_name: str,
-                 method: str) -> None:
-        self._service = service
-        self._context = context
-        self._service_name = service_name
-        self._method = method
-
-    async def __aenter__(self) -> str:
-        self._started = time.perf_counter()
-        request_id = new_request_id()
-        self._binding = enter_request(request_id, self._context.peer(), self._method)
-        return request_id
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:
-        code = "OK"
-        try:
-            if isinstance(error, FastcaError):
-                code = self._service.refused(error)
-                await self._context.abort(getattr(grpc.StatusCode, code), error.public_message)
-            elif isinstance(error, Exception):
-                # A bug: the client gets INTERNAL and a generic message, never
-                # the exception's text; the log gets the traceback.
-                code = "INTERNAL"
-                log.error("unexpected error", error=f"{type(error).__name__}: {error}",
-                          exc_info=(kind, error, _tb))
-                await self._context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            elif error is not None:
-                code = "CANCELLED"
-        finally:
-            self._service.metrics.request_finished(self._service_name, self._method, code,
-                                                   time.perf_counter() - self._started)
-            leave_request(self._binding)
-
-
-class IstioCertificateServicer(istio_ca_pb2_grpc.IstioCertificateServiceServicer):
     def __init__(self, service: IssuanceService) -> None:
         self._service = service
 
-    async def CreateCertificate(self, request: istio_ca_pb2.IstioCertificateRequest,  # noqa: N802 - gRPC name
-                                context: grpc.aio.ServicerContext) -> istio_ca_pb2.IstioCertificateResponse:
-        async with self._service.rpc(context, SERVICE, METHOD) as request_id:
+    def accepts(self, call: Call) -> bool:
+        # Refused at once, before the request is read or anyone authenticated.
+        if self._service.authorities.default.full:
+            call.fail(RESOURCE_EXHAUSTED, Overloaded.public_message)
+            return False
+        return True
+
+    def handle(self, call: Call) -> None:
+        service = self._service
+        request_id = new_request_id()
+        service.metrics.csr_received()
+        try:
             try:
-                caller, info = await self._service.authenticate(context)
-            except AuthenticationFailed:
-                self._service.metrics.csr_received()    # Istio counts the CSR even when auth fails
-                raise
-            issued = await self._service.issue(request, caller, info, request_id)
-            return istio_ca_pb2.IstioCertificateResponse(cert_chain=list(issued.chain))
+                request = istio_ca_pb2.IstioCertificateRequest.FromString(call.message)
+            except DecodeError:
+                raise InvalidRequest("the request is not an IstioCertificateRequest message") from None
+            info = request_info(call)
+            caller = service.authenticators.authenticate_now(info)
+            if caller is None:
+                service.spawn(call, self._slowly(call, request, info, request_id))
+                return
+            self._admit(call, request, caller, info, request_id)
+        except Exception as error:  # noqa: BLE001 - answered, never raised into the core
+            service.fail(call, error, request_id)
+
+    def _admit(self, call: Call, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller,
+               info: RequestInfo, request_id: str) -> None:
+        metadata = metadata_strings(request.metadata)
+        authority = self._service.authorities.select(metadata.get(CERT_SIGNER, ""))
+        admitted = authority.admission.admit_now(
+            caller, info, csr=request.csr.encode(), ttl_seconds=request.validity_duration,
+            impersonate=metadata.get(IMPERSONATED_IDENTITY, ""), request_id=request_id)
+        if admitted is None:           # impersonation: the node authorizer decides, asynchronously
+            self._service.spawn(call, self._slowly(call, request, info, request_id, caller))
+            return
+        self._submit(call, authority, admitted, request_id)
+
+    def _submit(self, call: Call, authority: Authority, admitted: tuple[IssueRequest, IssuanceContext],
+                request_id: str) -> None:
+        started = call.started
+
+        def answer(outcome: Outcome) -> None:
+            if isinstance(outcome, FastcaError):
+                self._service.fail(call, outcome, request_id)
+                return
+            call.respond(istio_ca_pb2.IstioCertificateResponse(cert_chain=outcome.chain).SerializeToString())
+            self._service.issued(time.monotonic() - started)
+
+        ticket = authority.submit_then(admitted[0], admitted[1], answer)
+        call.on_cancel = ticket.abandon
+
+    async def _slowly(self, call: Call, request: istio_ca_pb2.IstioCertificateRequest, info: RequestInfo,
+                      request_id: str, caller: Caller | None = None) -> None:
+        try:
+            if caller is None:
+                caller = await self._service.authenticators.authenticate(info)
+            authority, issue_request, context = await self._service.admit(request, caller, info, request_id)
+            if not call.closed:
+                self._submit(call, authority, (issue_request, context), request_id)
+        except Exception as error:  # noqa: BLE001 - answered, never raised into the loop
+            self._service.fail(call, error, request_id)

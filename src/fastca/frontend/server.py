@@ -1,5 +1,6 @@
-"""`fastca serve`: the gRPC server Istio agents call, with health,
-reflection, metrics and a graceful shutdown.
+"""`fastca serve`: the CA's ports on the native front end (uvloop, OpenSSL,
+nghttp2 under Cython), with health, reflection, metrics and a graceful
+shutdown.
 
 ``CAServer.from_state`` is the composition root: it loads the CA(s) of a
 state directory as Authorities and builds every collaborator on one clock;
@@ -7,9 +8,9 @@ state directory as Authorities and builds every collaborator on one clock;
 fault-injecting signer, SPIRE-style).
 
 One process, one event loop (uvloop). On SIGTERM, in order: health goes
-NOT_SERVING, the listeners stop taking calls and in-flight calls finish (up
-to the grace period), the batchers drain, the audit log flushes, the
-signers close.
+NOT_SERVING, every connection gets GOAWAY and calls in flight finish (up to
+the grace period), the batchers drain, the audit log flushes, the signers
+close.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from fastca.audit.config import open_audit_log
 from fastca.authn.chain import AuthenticatorChain
@@ -34,13 +31,16 @@ from fastca.authority import Admission, Authorities, Authority, load_authority
 from fastca.clock import SYSTEM_CLOCK, Clock
 from fastca.config import CAConfig, resolve_path
 from fastca.errors import ConfigurationError, FastcaError
-from fastca.frontend.bulk import BulkCertificateServicer
-from fastca.frontend.istio_ca import SERVICE, IssuanceService, IstioCertificateServicer, log_recorded
+from fastca.frontend._grpc import RESOURCE_EXHAUSTED, UNAVAILABLE, Call, Limits
+from fastca.frontend.bulk import BULK_METHOD, BULK_SERVICE, CreateCertificates
+from fastca.frontend.health import HEALTH_SERVICE, HealthCheck, HealthState, HealthWatch
+from fastca.frontend.istio_ca import METHOD, SERVICE, STATUS_NAMES, CreateCertificate, IssuanceService, log_recorded
+from fastca.frontend.native import Endpoint, Listener, bind_socket, server_tls_context
+from fastca.frontend.reflection import REFLECTION_SERVICE, ServerReflection
 from fastca.frontend.serving_cert import ServingCertificate
 from fastca.observability.logging import get_logger
 from fastca.observability.metrics import Metrics
 from fastca.policy.request import RequestPolicy
-from fastca.proto import bulk_pb2, bulk_pb2_grpc, istio_ca_pb2, istio_ca_pb2_grpc
 
 __all__ = ["CAServer", "DEFAULT_SIGNER", "freeze_startup_heap", "serve"]
 
@@ -53,16 +53,15 @@ _ISSUE_THREADS = 2
 log = get_logger("fastca.server")
 
 
-def _grpc_options(config: CAConfig) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", config.server.max_receive_message_bytes),
-        ("grpc.max_send_message_length", 4 * 1024 * 1024),
-        # Agents ping every 30 s while a call is in flight; grpcio's default
-        # answers pings closer than 5 min with GOAWAY too_many_pings.
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_ping_strikes", 0),
-    ]
+class _Admission:
+    """The worker-wide bound on calls held at once (``server.max_concurrent_rpcs``)
+    and the refusal of new calls while shutting down, checked by the core
+    before any handler sees a call."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.closing = False
 
 
 class CAServer:
@@ -77,8 +76,10 @@ class CAServer:
         self.metrics = metrics
         self._executor = executor
         self.clock = clock
-        self._health = health_aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        self.health = HealthState([SERVICE, BULK_SERVICE])
+        self.endpoint: Endpoint | None = None
+        self._listeners: list[Listener] = []
+        self._admission = _Admission(config.server.max_concurrent_rpcs)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self.ports: dict[str, int] = {}
@@ -133,36 +134,31 @@ class CAServer:
 
     async def start(self) -> None:
         config = self._config
+        server = config.server
         for authority in self.authorities:
             material = authority.material
             self.metrics.set_ca_expiry(authority.name, min(r.not_valid_after_utc for r in material.roots),
                                        material.valid_until)
         if self._node_authorizer is not None:
             await self._node_authorizer.start()
-
+        loop = asyncio.get_running_loop()
         issuance = IssuanceService(authenticators=self._authenticators, authorities=self.authorities,
                                    metrics=self.metrics)
-        server = grpc.aio.server(options=_grpc_options(config),
-                                 maximum_concurrent_rpcs=config.server.max_concurrent_rpcs)
-        istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(IstioCertificateServicer(issuance), server)
-        bulk_pb2_grpc.add_BulkCertificateServiceServicer_to_server(BulkCertificateServicer(issuance), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [istio_ca_pb2.DESCRIPTOR.services_by_name["IstioCertificateService"].full_name,
-             bulk_pb2.DESCRIPTOR.services_by_name["BulkCertificateService"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-        default = self.authorities.default
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._add_ports, server, default, default.material.root_bundle_pem.encode())
-        except RuntimeError as error:   # grpcio's "Failed to bind"
-            raise ConfigurationError(f"cannot listen on {config.server.listen}: {error}") from None
-        if self.ports.get("grpc", 0) == 0:
-            raise ConfigurationError(f"cannot listen on {config.server.listen}")
-        await server.start()
-        self._server = server
-        if config.server.metrics_listen:
-            host, _, port = config.server.metrics_listen.rpartition(":")
+        routes = self._routes(issuance)
+        limits = Limits(max_message_bytes=server.max_receive_message_bytes,
+                        max_concurrent_streams=server.max_concurrent_streams,
+                        max_header_list_bytes=server.max_metadata_bytes)
+        self.endpoint = Endpoint(routes=routes, limits=limits, loop=loop,
+                                 idle_timeout_s=server.idle_timeout_seconds,
+                                 max_unauthenticated_calls=server.max_unauthenticated_calls,
+                                 on_call_closed=self._call_closed)
+        issuance.endpoint = self.endpoint
+        await loop.run_in_executor(self._executor, self._make_listeners, self.authorities.default)
+        for listener in self._listeners:
+            await listener.start()
+            self.ports[listener.name] = listener.port
+        if server.metrics_listen:
+            host, _, port = server.metrics_listen.rpartition(":")
             server_and_thread = self.metrics.start_http_server(host.strip("[]"), int(port))
             self.ports["metrics"] = server_and_thread[0].server_address[1]  # type: ignore[attr-defined]
         await self.probe()
@@ -171,20 +167,50 @@ class CAServer:
             self._tasks.append(asyncio.create_task(self._renewal_loop()))
         log.info("serving", ports=self.ports, trust_domain=config.trust_domain, signers=self.authorities.names())
 
-    def _add_ports(self, server: grpc.aio.Server, authority: Authority, roots_pem: bytes) -> None:
-        config = self._config
-        if config.server.plaintext:
-            self.ports["grpc"] = server.add_insecure_port(config.server.listen)
+    def _routes(self, issuance: IssuanceService) -> dict[str, Any]:
+        admission = self._admission
+        handlers = {
+            f"/{SERVICE}/{METHOD}": CreateCertificate(issuance),
+            f"/{BULK_SERVICE}/{BULK_METHOD}": CreateCertificates(issuance),
+            f"/{HEALTH_SERVICE}/Check": HealthCheck(self.health),
+            f"/{HEALTH_SERVICE}/Watch": HealthWatch(self.health),
+            f"/{REFLECTION_SERVICE}/ServerReflectionInfo": ServerReflection(
+                [SERVICE, BULK_SERVICE, HEALTH_SERVICE, REFLECTION_SERVICE]),
+        }
+        return {path: _Bounded(handler, admission).named(path) for path, handler in handlers.items()}
+
+    def _make_listeners(self, authority: Authority) -> None:
+        """The sockets (SO_REUSEPORT: workers share them) and TLS contexts,
+        with the serving certificate issued (and recorded) first."""
+        assert self.endpoint is not None
+        server = self._config.server
+        timeout = server.handshake_timeout_seconds
+        if server.plaintext:
+            self._listeners.append(Listener(self.endpoint, "grpc", bind_socket(server.listen, reuse_port=True),
+                                            None, timeout))
             return
+        material = authority.material
+        # Client certificates verify against the roots, through the CA's own chain.
+        client_roots = (material.root_bundle_pem + "".join(material.chain_pems)).encode()
         self.serving = ServingCertificate(
-            authority, trust_domain=config.trust_domain, dns_names=config.server.serving_dns_names,
-            ip_addresses=config.server.listen_ip_addresses(),
-            ttl_seconds=config.server.serving_cert_ttl_seconds, client_roots_pem=roots_pem)
-        self.ports["grpc"] = server.add_secure_port(
-            config.server.listen, self.serving.credentials(require_client_certificate=False, name="grpc"))
-        if config.server.mtls_listen:
-            self.ports["mtls"] = server.add_secure_port(
-                config.server.mtls_listen, self.serving.credentials(require_client_certificate=True, name="mtls"))
+            authority, trust_domain=self._config.trust_domain, dns_names=server.serving_dns_names,
+            ip_addresses=server.listen_ip_addresses(), ttl_seconds=server.serving_cert_ttl_seconds)
+        main = self.serving.serve_on(server_tls_context(client_roots_pem=client_roots,
+                                                        require_client_certificate=False))
+        self._listeners.append(Listener(self.endpoint, "grpc", bind_socket(server.listen, reuse_port=True),
+                                        main, timeout))
+        if server.mtls_listen:
+            required = self.serving.serve_on(server_tls_context(client_roots_pem=client_roots,
+                                                                require_client_certificate=True))
+            self._listeners.append(Listener(self.endpoint, "mtls", bind_socket(server.mtls_listen, reuse_port=True),
+                                            required, timeout))
+
+    def _call_closed(self, call: Call, answered: bool) -> None:
+        handler = call.handler
+        if isinstance(handler, _Bounded):       # a known method: its name is a bounded label
+            handler.release(call)
+            code = STATUS_NAMES.get(call.status_code, "CANCELLED")
+            self.metrics.request_finished(handler.service, handler.method, code, time.monotonic() - call.started)
 
     # -- health and renewal ------------------------------------------------------
 
@@ -199,9 +225,7 @@ class CAServer:
             except FastcaError as error:
                 healthy = False
                 log.error("health probe failed", signer=authority.name, reason=str(error))
-        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self._health.set("", status)
-        await self._health.set(SERVICE, status)
+        self.health.set_all(healthy)
         return healthy
 
     async def _probe_loop(self) -> None:
@@ -230,9 +254,14 @@ class CAServer:
         grace = self._config.server.shutdown_grace_seconds if grace is None else grace
         for task in self._tasks:
             task.cancel()
-        await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace)
+        self.health.shutdown()
+        self._admission.closing = True
+        for listener in self._listeners:
+            listener.stop_accepting()
+        if self.endpoint is not None:
+            await self.endpoint.drain(grace)
+        for listener in self._listeners:
+            await listener.close()
         await self.authorities.drain()
         await self._audit.aclose()
         await self._authenticators.aclose()
@@ -259,6 +288,58 @@ class CAServer:
         await stop.wait()
         log.info("shutting down", reason="signal")
         await self.stop()
+
+
+class _Bounded:
+    """A method handler behind the worker's bounds: at most
+    ``max_concurrent_rpcs`` calls held at once (RESOURCE_EXHAUSTED past it),
+    none accepted while shutting down (UNAVAILABLE); the method's own
+    ``accepts`` (its queue bound) after that. Counts each call it let in."""
+
+    __slots__ = ("_handler", "_admission", "streaming", "service", "method", "_counted")
+
+    def __init__(self, handler: Any, admission: _Admission) -> None:
+        self._handler = handler
+        self._admission = admission
+        self.streaming = handler.streaming
+        self.service, self.method = "", ""
+        self._counted: set[Call] = set()
+
+    def named(self, path: str) -> _Bounded:
+        self.service, _, self.method = path.strip("/").partition("/")
+        return self
+
+    def accepts(self, call: Call) -> bool:
+        admission = self._admission
+        if admission.closing:
+            call.fail(UNAVAILABLE, "server shutting down")
+            return False
+        if admission.in_flight >= admission.limit:
+            call.fail(RESOURCE_EXHAUSTED, "server overloaded, retry later")
+            return False
+        if not self._handler.accepts(call):
+            return False
+        admission.in_flight += 1
+        self._counted.add(call)
+        return True
+
+    def release(self, call: Call) -> None:
+        if call in self._counted:
+            self._counted.discard(call)
+            self._admission.in_flight -= 1
+
+    def handle(self, call: Call) -> None:
+        self._handler.handle(call)
+
+    def start(self, call: Call) -> None:
+        self._handler.start(call)
+
+    def message(self, call: Call, message: bytes) -> None:
+        self._handler.message(call, message)
+
+    def half_close(self, call: Call) -> None:
+        self._handler.half_close(call)
+
 
 def freeze_startup_heap() -> int:
     """Take what is alive once a server process is up (modules, configuration,
