@@ -386,3 +386,23 @@ def test_record_many_then_answers_on_the_writer_thread_and_survives_a_broken_cal
         log.record_many_then([], called.append)                # nothing to record: answered at once
         assert called == [None]
     assert answered == [("broken", None, True), ("fine", None, True)]
+
+
+def test_the_authoritys_direct_record_equals_the_checked_one() -> None:
+    """IssuanceRecord.of fills a record directly (it runs per certificate);
+    what it makes must be exactly what the normalising constructor makes."""
+    from fastca.audit.record import IssuanceContext
+    from fastca.authority import IssuedCertificate
+
+    issued = IssuedCertificate(der=b"", pem="", chain=(), serial=0x4A3F00, not_before=T0,
+                               not_after=T0 + dt.timedelta(hours=1), identity="spiffe://td/ns/a/sa/b",
+                               key_type="ec-p256", fingerprint_sha256="ab" * 32)
+    context = IssuanceContext(caller_identities=("spiffe://td/ns/a/sa/b",), credential_type="k8s-tokenreview",
+                              signer="default", peer="ipv4:1.2.3.4:5", request_id="r9", impersonated=True,
+                              cluster_id="Kubernetes")
+    direct = IssuanceRecord.of(issued, context, T0)
+    checked = IssuanceRecord.from_issued(issued, caller_identities=context.caller_identities,
+                                         credential_type=context.credential_type, signer=context.signer,
+                                         peer=context.peer, request_id=context.request_id, impersonated=True,
+                                         cluster_id="Kubernetes", issued_at=T0)
+    assert direct == checked and direct.to_dict() == checked.to_dict()

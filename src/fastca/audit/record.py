@@ -107,11 +107,18 @@ class IssuanceRecord:
 
     @classmethod
     def of(cls, issued: IssuedFacts, context: IssuanceContext, issued_at: dt.datetime) -> IssuanceRecord:
-        """The record of ``issued``, made for the request ``context`` describes."""
-        return cls.from_issued(issued, caller_identities=context.caller_identities,
-                               credential_type=context.credential_type, signer=context.signer, peer=context.peer,
-                               request_id=context.request_id, impersonated=context.impersonated,
-                               cluster_id=context.cluster_id, issued_at=issued_at)
+        """The record of ``issued``, made for the request ``context`` describes.
+        The Authority's values are already what ``__post_init__`` would make
+        of them (hex serial from an int, lower-case fingerprint, UTC times),
+        so the record is filled in directly: this runs once per certificate."""
+        record = object.__new__(cls)
+        record.__dict__.update(
+            serial=f"{issued.serial:x}", identity=issued.identity, caller_identities=context.caller_identities,
+            credential_type=context.credential_type, key_type=issued.key_type, not_before=issued.not_before,
+            not_after=issued.not_after, signer=context.signer, fingerprint_sha256=issued.fingerprint_sha256,
+            peer=context.peer, request_id=context.request_id, issued_at=issued_at,
+            impersonated=context.impersonated, cluster_id=context.cluster_id)
+        return record
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: datetimes as ISO 8601 UTC, tuples as lists."""

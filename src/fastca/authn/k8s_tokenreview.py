@@ -59,6 +59,9 @@ def token_expiry(token: str) -> float | None:
     return float(exp)
 
 
+_MEMO_KEY = "tokenreview"
+
+
 class TokenReviewCache:
     """A bounded LRU of successful reviews: key → (caller, wall-clock expiry)."""
 
@@ -71,15 +74,22 @@ class TokenReviewCache:
         return hashlib.sha256(cluster_id.encode() + b"\0" + token.encode()).digest()
 
     def get(self, key: bytes) -> Caller | None:
+        entry = self.entry(key)
+        return entry[0] if entry is not None else None
+
+    def entry(self, key: bytes) -> tuple[Caller, float] | None:
+        """(caller, wall-clock expiry) of a live review."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        caller, expires = entry
-        if self._clock() >= expires:
+        if self._clock() >= entry[1]:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return caller
+        return entry
+
+    def live(self, expires: float) -> bool:
+        return self._clock() < expires
 
     def put(self, key: bytes, caller: Caller, token_exp: float | None) -> None:
         if self.size <= 0 or self.ttl <= 0:
@@ -123,15 +133,30 @@ class TokenReviewAuthenticator:
         return f"TokenReviewAuthenticator(clusters={list(self._apis)}, {self.cache!r})"
 
     def authenticate_now(self, request: RequestInfo) -> Caller | object | None:
-        """A cached review's verdict at once; PENDING when the API server must be asked."""
+        """A cached review's verdict at once; PENDING when the API server must
+        be asked. An agent sends the same token on every call of its
+        connection: the connection remembers the last one it was cached
+        for (until that review expires), so the next call is one comparison."""
+        memo = request.connection_cache
+        header = request.metadata.get("authorization")
+        cluster_header = request.metadata.get("clusterid", "")
+        if memo is not None and header is not None:
+            known = memo.get(_MEMO_KEY)
+            if known is not None and known[0] == header and known[1] == cluster_header \
+                    and self.cache.live(known[3]):
+                return known[2]
         token = request.bounded_bearer_token()
         if token is None:
             return None
-        cluster_id = request.cluster_id or self._default
+        cluster_id = cluster_header or self._default
         if cluster_id not in self._apis:
             raise AuthenticationFailed(f"unknown cluster {cluster_id!r}")
-        cached = self.cache.get(TokenReviewCache.key(cluster_id, token))
-        return cached if cached is not None else PENDING
+        entry = self.cache.entry(TokenReviewCache.key(cluster_id, token))
+        if entry is None:
+            return PENDING
+        if memo is not None:
+            memo[_MEMO_KEY] = (header, cluster_header, entry[0], entry[1])
+        return entry[0]
 
     async def authenticate(self, request: RequestInfo) -> Caller | None:
         token = request.bounded_bearer_token()
