@@ -12,6 +12,7 @@ COMMANDS = {
     "front-end-floor": ("bench.front_end_floor", "per-call server CPU of the front ends"),
     "offline": ("bench.offline_issuance", "the issuance engine without RPC, against pyca"),
     "pkcs11-batch": ("bench.pkcs11_batch", "the PKCS#11 signing paths"),
+    "fuzz": ("bench.fuzz", "atheris on the parsers of untrusted input (corpus in tests/vectors/fuzz)"),
     "ci-check": ("bench.ci_check", "the short run CI makes, judged against bench/ci-baseline.json"),
 }
 

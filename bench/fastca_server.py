@@ -89,6 +89,13 @@ class FastcaServer:
     def root_pem(self) -> bytes:
         return (self.state / "root-cert.pem").read_bytes()
 
+    def issued_count(self) -> int:
+        """Certificates in the audit log, the server's own serving certificates excepted."""
+        import sqlite3
+
+        with sqlite3.connect(f"file:{self.state / 'audit.db'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM issuance WHERE credential_type != 'self'").fetchone()[0]
+
     def client_identity(self, spiffe_id: str) -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) of a client certificate this CA issued
         (``fastca issue``, so it is audited), as a VM agent holds one."""

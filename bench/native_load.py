@@ -146,7 +146,10 @@ def run_native_load(target: Any, spec: LoadSpec, csrs: list[bytes], *, server_pi
                 raise
             if process.returncode != 0:
                 raise RuntimeError(f"agentload exited {process.returncode}: {_tail(errors)}")
-    return summarise([_report(json.loads(out))], spec, measured)
+    raw = json.loads(out)
+    summary = summarise([_report(raw)], spec, measured)
+    summary["all_ok"] = raw.get("all_ok")       # warm-up and drain included (the audit log's count)
+    return summary
 
 
 def _tail(path: Path) -> str:

@@ -125,15 +125,31 @@ def run_overload(server: FastcaServer, csrs: list[bytes], args: argparse.Namespa
     say(f"overload: {args.factor:g}x peak = {offered:,.0f} calls/s over {args.connections} connections")
     spec = LoadSpec(processes=args.processes, connections=args.connections, warmup_s=3.0,
                     duration_s=args.phase_seconds, call_timeout_s=args.call_timeout, rate=offered)
+    audited_before = server.issued_count()
     with MemorySampler(server, args.sample_seconds) as overload_memory:
         overload = _load(args)(IstioTarget(server.address, server.root_pem), spec, csrs, server_pid=server.pid)
-    say("overload: peak again (recovery)")
+    audited = server.issued_count() - audited_before
+    say("overload: peak again, from the first second (recovery within 5 s)")
+    recovery = _load(args)(IstioTarget(server.address, server.root_pem),
+                           LoadSpec(processes=args.processes, connections=_PEAK_CONNECTIONS, warmup_s=0.0,
+                                    duration_s=5.0, call_timeout_s=args.call_timeout),
+                           csrs, server_pid=server.pid)
     after = _peak(server, csrs, args)
+    refused = overload["errors"].get("RESOURCE_EXHAUSTED", 0)
     return {
         "peak_certs_per_s": peak,
         "offered_calls_per_s": offered,
         "before": _brief(before),
         "overload": _brief(overload),
+        "refusals": {"resource_exhausted": refused,
+                     "p50_ms": overload["error_latency_ms"]["p50"] if refused else None},
+        # Certificates the audit log holds for the overload phase, against the
+        # calls that received one: any excess went to callers who had left.
+        "overload_audit": {"recorded": audited, "received": overload.get("all_ok"),
+                           "recorded_not_received": (audited - overload["all_ok"])
+                           if overload.get("all_ok") is not None else None},
+        "recovery_first_5s": _brief(recovery),
+        "recovery_first_5s_ratio": recovery["certs_per_s"] / before["certs_per_s"] if before["certs_per_s"] else None,
         "after": _brief(after),
         "recovered_ratio": after["certs_per_s"] / before["certs_per_s"] if before["certs_per_s"] else None,
         "memory_before": memory_summary(before_memory.samples),

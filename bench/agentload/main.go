@@ -65,6 +65,9 @@ type report struct {
 	ErrorLatencies []float64      `json:"error_latencies_s"`
 	Errors         map[string]int `json:"errors"`
 	CPUS           float64        `json:"cpu_s"`
+	// Every success from the first call to the last, warm-up and drain
+	// included: what the server's audit log must hold for this run.
+	AllOK int `json:"all_ok"`
 }
 
 // A connection to the server under test; call returns "" or the failure's code.
@@ -249,11 +252,14 @@ type window struct {
 }
 
 func (w *window) record(done time.Time, latency, serviceLatency time.Duration, code string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if code == "" {
+		w.out.AllOK++
+	}
 	if done.Before(w.start) || !done.Before(w.end) {
 		return
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
 	if code == "" {
 		w.out.Latencies = append(w.out.Latencies, latency.Seconds())
 	} else {

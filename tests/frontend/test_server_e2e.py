@@ -324,6 +324,32 @@ def test_health_and_reflection(mesh):
     assert "istio.v1.auth.IstioCertificateService" in names and "grpc.health.v1.Health" in names
 
 
+def test_health_watch_and_reflection_describe_the_services(mesh):
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    credentials = grpc.ssl_channel_credentials(mesh.root_pem)
+    with grpc.secure_channel(mesh.address, credentials) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING      # the current status, at once
+        watch.cancel()
+        unknown = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        unknown.cancel()
+        code, _ = _code(lambda: health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="nope"), timeout=10))
+        assert code == grpc.StatusCode.NOT_FOUND
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = list(stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="istio.v1.auth.IstioCertificateService"),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="no.such.Symbol")]), timeout=10))
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in responses[0].file_descriptor_response.file_descriptor_proto]
+    assert files[0].package == "istio.v1.auth" and files[0].service[0].method[0].name == "CreateCertificate"
+    assert "google/protobuf/struct.proto" in {f.name for f in files}     # with what it imports
+    assert responses[1].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 def test_serving_certificate_names_and_chain(mesh):
     import socket
     import ssl

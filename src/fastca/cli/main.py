@@ -162,7 +162,8 @@ def serve(
     listen: Optional[str] = typer.Option(None, help="gRPC address [default: server.listen, 127.0.0.1:15012]"),
     metrics: Optional[str] = typer.Option(None, help="Prometheus address [default: server.metrics_listen, "
                                           "127.0.0.1:15014]"),
-    mtls_listen: Optional[str] = typer.Option(None, help="extra port that requires client certificates (VMs)"),
+    mtls_listen: Optional[str] = typer.Option(None, help="an extra port that requires a client certificate (the "
+                                              "main port asks for one and verifies it if given)"),
     plaintext: bool = typer.Option(False, "--plaintext", help="no TLS (Istio's :15010 case)"),
     workers: Optional[int] = typer.Option(None, min=1, max=64, help="server processes sharing the port "
                                           "(SO_REUSEPORT) [default: server.workers, 0 there = one per CPU]"),

@@ -72,9 +72,10 @@ def percent_encode(str text):
 
 def parse_timeout(bytes value):
     """Seconds of a grpc-timeout value ("<1-8 digits><H|M|S|m|u|n>"), or None if malformed."""
-    if not 2 <= len(value) <= 9:
+    cdef Py_ssize_t size = len(value)
+    if not 2 <= size <= 9:
         return None
-    digits, unit = value[:-1], value[-1:]
+    digits, unit = value[:size - 1], value[size - 1:]
     if not digits.isdigit() or unit not in _TIMEOUT_UNITS:
         return None
     return int(digits) * _TIMEOUT_UNITS[unit]
