@@ -124,3 +124,27 @@ def test_memory_summary_per_process_slope_and_limit():
     assert first["slope_mb_per_min"] < 0
     assert summary["processes"]["8"]["slope_mb_per_min"] == pytest.approx(120.0)
     assert summary["max_mb"] == 160.0 and summary["within_limit"] is False
+
+
+def test_fake_apiserver_answers_a_burst_of_new_connections(tmp_path):
+    """fastca's reviews expire together, and every worker then asks again over
+    new connections at once: the stand-in API server must take them all."""
+    import asyncio
+    import ssl
+
+    import httpx
+
+    from bench.fake_apiserver import TOKENREVIEW_PATH, FakeApiServer
+
+    async def burst(url: str, context: ssl.SSLContext) -> list[object]:
+        async def one(i: int) -> object:
+            # A client per call: each review arrives on a connection of its own.
+            async with httpx.AsyncClient(base_url=url, verify=context, timeout=3) as client:
+                response = await client.post(TOKENREVIEW_PATH, json={"spec": {"token": f"sa.ns.acct.pod{i}"}})
+                return response.json()["status"]["user"]["username"]
+        return await asyncio.gather(*(one(i) for i in range(96)), return_exceptions=True)
+
+    with FakeApiServer(tmp_path) as api:
+        context = ssl.create_default_context(cafile=str(api.ca_file))
+        answers = asyncio.run(burst(api.url, context))
+    assert answers == ["system:serviceaccount:ns:acct"] * 96
