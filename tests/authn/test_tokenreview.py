@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,43 @@ def test_concurrent_requests_with_one_token_share_one_review(api, tmp_path):
     callers = run(go)
     assert len({c.identities for c in callers}) == 1
     assert len(api.requests) == 1
+
+
+def test_a_burst_of_new_tokens_is_reviewed_a_bounded_number_at_a_time(tmp_path):
+    """Hundreds of agents arriving at once (a restart, a scale-up), each with
+    its own token: every one is reviewed, never more than
+    ``max_concurrent_reviews`` at a time, and several at a time."""
+    fake = FakeKubeApi()
+    tokens = [sa_token(f"agent-{i}") for i in range(200)]
+    for i, token in enumerate(tokens):
+        fake.service_account(token, account=f"agent-{i}")
+    lock = threading.Lock()
+    in_flight = [0, 0]               # now, most seen
+
+    def slow(req: Request) -> Response:
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            time.sleep(0.01)
+            return fake(req)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    with FakeHttpsServer(tmp_path, slow) as server:
+        async def go():
+            auth = TokenReviewAuthenticator([cluster(server, tmp_path, max_concurrent_reviews=6)],
+                                            trust_domain=TRUST_DOMAIN)
+            try:
+                return await asyncio.gather(*(auth.authenticate(request(token=t)) for t in tokens))
+            finally:
+                await auth.aclose()
+
+        callers = run(go)
+    assert [c.identities[0].rsplit("/", 1)[1] for c in callers] == [f"agent-{i}" for i in range(200)]
+    assert len(server.requests_to(REVIEW_PATH)) == 200
+    assert 1 < in_flight[1] <= 6
 
 
 @pytest.mark.parametrize("case", ["status_audiences_missing", "status_audiences_other", "not_for_our_audience",

@@ -156,3 +156,16 @@ def test_redact_helper() -> None:
     assert redact({"Authorization": "Bearer x", "list": [f"a {JWT}"]}) == {"Authorization": REDACTED,
                                                                            "list": [f"a {REDACTED}"]}
     assert redact("spiffe://cluster.local/ns/default/sa/app") == "spiffe://cluster.local/ns/default/sa/app"
+
+
+def test_http_client_request_lines_only_at_debug(capsys: pytest.CaptureFixture[str]) -> None:
+    """httpx logs every request (each TokenReview) at info; at info our log
+    keeps its warnings only, at debug it shows them."""
+    httpx_log = logging.getLogger("httpx")
+    httpx_log.info("HTTP Request: POST https://api/tokenreviews")
+    httpx_log.warning("connection trouble")
+    assert [line["event"] for line in lines(capsys.readouterr().err)] == ["connection trouble"]
+    configure_logging("debug")
+    httpx_log.info("HTTP Request: POST https://api/tokenreviews")
+    assert [line["event"] for line in lines(capsys.readouterr().err)] == ["HTTP Request: POST https://api/tokenreviews"]
+    configure_logging("info")

@@ -15,6 +15,8 @@ from fastca.authn.config import TokenReviewCluster
 
 __all__ = ["KubernetesApi"]
 
+_WATCH_CONNECTIONS = 2
+
 
 def _mtime(path: str | None) -> int | None:
     if path is None:
@@ -31,6 +33,9 @@ class KubernetesApi:
         self.base_url = cluster.api_server
         self._timeout = timeout if timeout is not None else httpx.Timeout(cluster.timeout_seconds)
         self._client: httpx.AsyncClient | None = None
+        # Room for every review allowed in flight, plus the pod watch.
+        connections = cluster.max_concurrent_reviews + _WATCH_CONNECTIONS
+        self._limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         self._files_seen: tuple[int | None, ...] | None = None
 
     def _files_state(self) -> tuple[int | None, ...]:
@@ -50,7 +55,7 @@ class KubernetesApi:
         if self._client is None or state != self._files_seen:
             old, self._client = self._client, httpx.AsyncClient(
                 base_url=self.base_url, verify=self._ssl_context(), timeout=self._timeout,
-                follow_redirects=False, trust_env=False)
+                limits=self._limits, follow_redirects=False, trust_env=False)
             self._files_seen = state
             if old is not None:
                 await old.aclose()

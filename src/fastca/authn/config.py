@@ -74,6 +74,10 @@ class TokenReviewCluster(_Section):
     client_key_file: str | None = None
     audiences: list[str] = Field(default_factory=lambda: ["istio-ca"], min_length=1)
     timeout_seconds: float = Field(5.0, gt=0, le=60)
+    # TokenReviews in flight at once, per worker: a burst of new agents (a
+    # restart, a scale-up) waits here, in order, rather than in the HTTP
+    # client's connection pool, whose scheduling costs grow with its queue.
+    max_concurrent_reviews: int = Field(32, ge=1, le=1024)
 
     @field_validator("api_server")
     @classmethod

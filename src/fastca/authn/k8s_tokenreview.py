@@ -123,6 +123,7 @@ class TokenReviewAuthenticator:
             raise ValueError("TokenReviewAuthenticator needs at least one cluster")
         self.trust_domain = trust_domain
         self._apis = {c.cluster_id: KubernetesApi(c) for c in clusters}
+        self._review_slots = {c.cluster_id: asyncio.Semaphore(c.max_concurrent_reviews) for c in clusters}
         self._default = clusters[0].cluster_id
         self._clock = clock
         self.cache = TokenReviewCache(cache_size, cache_ttl, clock)
@@ -197,7 +198,8 @@ class TokenReviewAuthenticator:
         try:
             # httpx's timeout bounds each phase; this bounds the whole call,
             # so a server dripping bytes cannot hold an agent's request.
-            async with asyncio.timeout(cluster.timeout_seconds):
+            # The wait for a slot counts: an agent waits at most the timeout.
+            async with asyncio.timeout(cluster.timeout_seconds), self._review_slots[cluster.cluster_id]:
                 client = await api.client()
                 response = await client.post(TOKENREVIEW_PATH, json=body, headers=api.headers())
         except (httpx.TimeoutException, TimeoutError):

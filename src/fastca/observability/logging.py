@@ -205,6 +205,9 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
             root.removeHandler(_configured_handler)
         root.addHandler(handler)
         root.setLevel(numeric)
+        # httpx logs every request at info: a line per TokenReview would
+        # bury the CA's own events. Shown at debug.
+        logging.getLogger("httpx").setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
         _configured_handler = handler
         _configured = (numeric, json)
 
