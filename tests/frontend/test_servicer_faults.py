@@ -39,6 +39,8 @@ class FaultySigner:
         self._inner = inner
         self.mode: str | None = None
         self.gate: threading.Event | None = None
+        self.entered = 0                 # sign_many calls begun
+        self.signed: list[int] = []      # batch sizes signed
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -47,8 +49,10 @@ class FaultySigner:
         pass       # the session's CA owns the real signer
 
     def sign_many(self, data):
+        self.entered += 1
         if self.gate is not None:
             self.gate.wait(30)
+        self.signed.append(len(data))
         if self.mode == "unavailable":
             raise CANotReady("HSM unavailable while signing: DeviceError")
         signatures = self._inner.sign_many(data)
@@ -187,6 +191,46 @@ def test_concurrent_call_bound_refuses_before_the_handler(ec_token_ca, tmp_path)
         results = _stuck_calls(client, signer, 9, 6)
         assert sorted(results) == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 6
         assert len(client.create_certificate(agent_csrs()[1].pem)) == 2     # serving normally again
+
+
+def test_callers_who_left_before_signing_get_nothing_signed_or_recorded(ec_token_ca, tmp_path):
+    """While the HSM holds one batch, one queued caller's deadline passes and
+    another cancels (RST_STREAM): neither request reaches the signer or the
+    audit log; the held call and later ones are served."""
+    from fastca.audit.sqlite_log import AuditReader
+    from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
+
+    with _serving(ec_token_ca, tmp_path, queue_limit=100) as (server, signer, client, _):
+        # The server's own serving certificate was signed and recorded at start.
+        entered, signed = signer.entered, len(signer.signed)
+        with contextlib.closing(AuditReader(tmp_path / "audit.db")) as audit:
+            recorded = audit.count()
+        signer.gate = threading.Event()
+        held: list[object] = []
+        first = threading.Thread(target=lambda: held.append(client.create_certificate(agent_csrs()[0].pem)))
+        first.start()
+        deadline = time.monotonic() + 10
+        while signer.entered < entered + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert signer.entered == entered + 1           # the first call is in the HSM, held
+
+        assert _code(lambda: client.create_certificate(agent_csrs()[1].pem, timeout=0.5)) \
+            == grpc.StatusCode.DEADLINE_EXCEEDED
+        request = istio_ca_pb2.IstioCertificateRequest(csr=agent_csrs()[2].pem.decode(), validity_duration=3600)
+        with client.channel() as channel:
+            pending = istio_ca_pb2_grpc.IstioCertificateServiceStub(channel).CreateCertificate.future(
+                request, metadata=[("clusterid", "Kubernetes"), ("x-api-key", API_KEY)], timeout=30)
+            time.sleep(0.3)                            # it reached the server's queue
+            assert pending.cancel()
+
+        signer.gate.set()
+        first.join(30)
+        assert len(held) == 1 and len(held[0]) == 2
+        signer.gate = None
+        assert len(client.create_certificate(agent_csrs()[3].pem)) == 2
+        assert signer.signed[signed:] == [1, 1]        # the held call's batch, then the last call's
+        with contextlib.closing(AuditReader(tmp_path / "audit.db")) as audit:
+            assert audit.count() == recorded + 2
 
 
 def test_a_ca_outside_its_validity_is_failed_precondition(ec_token_ca, tmp_path):
