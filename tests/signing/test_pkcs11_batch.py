@@ -1,5 +1,6 @@
 """The native PKCS#11 batch signer against a real SoftHSM2 token."""
 
+import dataclasses
 import hashlib
 import time
 
@@ -16,7 +17,7 @@ from pkcs11 import Attribute, Mechanism, ObjectClass
 from fastca.ca import hsm
 from fastca.errors import CANotReady, SigningFailed
 from fastca.signing import _pkcs11_batch
-from fastca.signing.pkcs11 import Pkcs11Signer
+from fastca.signing.pkcs11 import Pkcs11Signer, _error_for_ck_rv
 from fastca.signing.pkcs11_context import Pkcs11Context
 
 CKR_KEY_HANDLE_INVALID = 0x60
@@ -55,13 +56,21 @@ def _handles(uri, conf):
 
 
 def _key(softhsm_token, key_type):
-    """(uri, conf, public key, session handle, key handle) of a per-module key."""
-    if key_type not in _KEYS:
-        base, conf = softhsm_token
-        uri = base.with_object(f"batch-{key_type}", "private")
+    """(uri, conf, public key, session handle, key handle) of a per-module key.
+    The handles are looked up again after a signer re-initialised the module
+    (its sessions, and the handles opened in them, ended with it)."""
+    base, conf = softhsm_token
+    uri = base.with_object(f"batch-{key_type}", "private")
+    generation = Pkcs11Context.for_this_process().generation(uri.module_path)
+    cached = _KEYS.get(key_type)
+    if cached is None:
         public = hsm.generate_key(uri, key_type, conf)
-        _KEYS[key_type] = (uri, conf, public, *_handles(uri, conf))
-    return _KEYS[key_type]
+    elif cached[0] != generation:
+        public = cached[3]
+    else:
+        return cached[1:]
+    _KEYS[key_type] = (generation, uri, conf, public, *_handles(uri, conf))
+    return _KEYS[key_type][1:]
 
 
 def _sign_batch_on_thread(*args):
@@ -138,20 +147,42 @@ def test_signer_with_a_destroyed_key_fails_cleanly(softhsm_token, native_batch):
             key.destroy()
 
     context.run(destroy)
-    with pytest.raises(SigningFailed, match="HSM signing failed"):
+    # The key's handle names nothing any more: the signer re-opens the token
+    # once, finds no key under the label and is unavailable, not failing.
+    with pytest.raises(CANotReady, match="no private key matches"):
         signer.sign_many([b"after"])
-    # The shared session is still fine for every other key.
+    assert not signer.available
+    # Every other key of the module still signs (through a session re-opened after that).
     other_uri, _, public, _, _ = _key(softhsm_token, "ec-p256")
     other = Pkcs11Signer(other_uri, softhsm_conf=conf, native_batch=native_batch)
     _verify(public, hashes.SHA256(), b"still works", other.sign(b"still works"))
 
 
-def test_invalid_session_maps_to_not_ready(softhsm_token):
-    uri, conf, _, _, _ = _key(softhsm_token, "ec-p256")
-    signer = Pkcs11Signer(uri, softhsm_conf=conf, native_batch=True)
-    signer._session_handle = 0x7FFF_FFF0  # as if the HSM had dropped the session
-    with pytest.raises(CANotReady, match="CKR_SESSION_HANDLE_INVALID"):
-        signer.sign_many([b"x"])
+def test_session_errors_map_to_not_ready_and_signing_errors_to_failed():
+    for ck_rv, name in [(0x0B3, "CKR_SESSION_HANDLE_INVALID"), (0x030, "CKR_DEVICE_ERROR"),
+                        (0x082, "CKR_OBJECT_HANDLE_INVALID"), (0x101, "CKR_USER_NOT_LOGGED_IN")]:
+        error = _error_for_ck_rv("C_Sign", ck_rv)
+        assert isinstance(error, CANotReady) and name in str(error)
+    for ck_rv in (0x006, 0x021, 0x150):
+        assert isinstance(_error_for_ck_rv("C_Sign", ck_rv), SigningFailed)
+
+
+@pytest.mark.parametrize("native_batch", [True, False])
+def test_a_dropped_session_is_reopened_within_the_batch(softhsm_token, native_batch):
+    uri, conf, public, _, _ = _key(softhsm_token, "ec-p256")
+    signer = Pkcs11Signer(uri, softhsm_conf=conf, native_batch=native_batch)
+    signer.sign(b"first")
+    before = signer.recoveries
+    open_key = signer._key
+    # As if the HSM had dropped the session: its handle names nothing now.
+    if native_batch:
+        signer._key = dataclasses.replace(open_key, session_handle=0x7FFF_FFF0)
+    else:
+        Pkcs11Context.for_this_process().run(lambda: open_key.private.session.close())
+    signature = signer.sign(b"second")
+    _verify(public, hashes.SHA256(), b"second", signature)
+    assert signer.recoveries == before + 1
+    assert signer.available
 
 
 def test_buffer_too_small_fails_and_leaves_the_session_usable(softhsm_token):

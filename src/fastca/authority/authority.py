@@ -173,6 +173,11 @@ class Authority:
             raise outcome
         return outcome
 
+    @property
+    def signer_available(self) -> bool:
+        """False while the signer knows its HSM is gone (no HSM call is made)."""
+        return self._signer.available
+
     def probe(self) -> None:
         """Sign a throwaway certificate now (SPIRE's health check: the HSM
         answers and the signature verifies); raise the reason if it cannot be.

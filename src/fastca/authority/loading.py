@@ -24,17 +24,20 @@ def load_authority(name: str, state_dir: Path, *, admission: Admission, audit: A
                    executor: Executor | None = None,
                    on_recorded: Callable[[list[IssuanceRecord]], None] | None = None,
                    observe_sign: Callable[[float], None] | None = None,
-                   observe_batch: Callable[[int, float], None] | None = None) -> Authority:
+                   observe_batch: Callable[[int, float], None] | None = None,
+                   wait_for_signer: bool = False) -> Authority:
     """The Authority of the CA in ``state_dir``. ``issuance`` overrides that
     CA's own [issuance] table (the server's default signer uses the server's);
-    ``server`` gives the batch settings."""
+    ``server`` gives the batch settings. With ``wait_for_signer`` an HSM that
+    is not there yet gives an Authority that is not ready until it is."""
     config = CAConfig.load(state_dir)
     if config.pending_csr is not None:
         raise CANotReady(f"the CA in {state_dir} waits for its certificate: sign {config.pending_csr} "
                          "upstream, then run `fastca init --install-cert`")
     material = load_ca_material(state_dir, clock.utcnow())
     server = server or config.server
-    signer = open_signer(config.signer, state_dir)
+    signer = open_signer(config.signer, state_dir, expected_public_key=material.signing_cert.public_key(),
+                         start_unavailable=wait_for_signer)
     try:
         return Authority(name, material, signer, issuance=issuance or config.issuance, admission=admission,
                          audit=audit, clock=clock, executor=executor, batch_max=server.batch_max,

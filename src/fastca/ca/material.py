@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
@@ -131,7 +132,12 @@ def load_ca_material(state_dir: Path, now: dt.datetime) -> CAMaterial:
     return validate_material(signing[0], chain, roots, now)
 
 
-def open_signer(signer: SignerConfig, state_dir: Path) -> Signer:
+def open_signer(signer: SignerConfig, state_dir: Path, *, expected_public_key: Any = None,
+                start_unavailable: bool = False) -> Signer:
+    """The configured signer. ``expected_public_key`` (the CA certificate's)
+    is checked by a PKCS#11 signer each time it opens the token; with
+    ``start_unavailable`` an absent token gives a signer that waits for it
+    (the server) instead of an error (the command line)."""
     backend = signer.backend
     if backend == "pkcs11":
         from fastca.signing.pkcs11 import Pkcs11Signer
@@ -139,7 +145,8 @@ def open_signer(signer: SignerConfig, state_dir: Path) -> Signer:
         if not signer.key_uri:
             raise ConfigurationError("signer.key_uri is not set in fastca.toml")
         conf = resolve_path(state_dir, signer.softhsm_conf)
-        return Pkcs11Signer(signer.key_uri, softhsm_conf=str(conf.resolve()) if conf else None)
+        return Pkcs11Signer(signer.key_uri, softhsm_conf=str(conf.resolve()) if conf else None,
+                            expected_public_key=expected_public_key, start_unavailable=start_unavailable)
     if backend == "software":
         from fastca.signing.software import SoftwareSigner
 

@@ -19,6 +19,7 @@ import asyncio
 import gc
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ __all__ = ["CAServer", "DEFAULT_SIGNER", "freeze_startup_heap", "serve"]
 
 DEFAULT_SIGNER = "default"
 _HEALTH_PROBE_INTERVAL_S = 10.0
+# How often a signer that lost its HSM is looked at (a cheap flag; a full
+# probe, which is also the recovery attempt, when it is down).
+_SIGNER_CHECK_INTERVAL_S = 1.0
 _RENEWAL_CHECK_INTERVAL_S = 60.0
 # Threads for signers without a thread of their own (in-memory keys) and for setup work.
 _ISSUE_THREADS = 2
@@ -84,6 +88,7 @@ class CAServer:
         self._stopped = False
         self.ports: dict[str, int] = {}
         self.serving: ServingCertificate | None = None
+        self._unready: dict[str, str] = {}      # signer name -> why its last probe failed
 
     @classmethod
     def from_state(cls, state_dir: Path, config: CAConfig, clock: Clock = SYSTEM_CLOCK) -> CAServer:
@@ -113,7 +118,7 @@ class CAServer:
                     issuance=config.issuance if name == DEFAULT_SIGNER else None, server=config.server,
                     executor=executor, on_recorded=log_recorded,
                     observe_sign=lambda seconds, name=name: metrics.observe_hsm_sign(name, seconds),
-                    observe_batch=lambda size, _seconds: metrics.observe_batch(size)))
+                    observe_batch=lambda size, _seconds: metrics.observe_batch(size), wait_for_signer=True))
             authorities = Authorities(loaded, DEFAULT_SIGNER)
             default_material = authorities.default.material
             authenticators = build_authenticators(
@@ -132,13 +137,29 @@ class CAServer:
 
     # -- start -------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, on_waiting: Callable[[str], None] | None = None) -> None:
+        """Open the ports. A signer whose HSM is not there yet is waited for
+        first (the TLS ports need the serving certificate it signs): the
+        metrics port is up meanwhile, ``fastca_signer_ready`` says 0 and
+        ``on_waiting`` hears why, once per attempt."""
         config = self._config
         server = config.server
         for authority in self.authorities:
             material = authority.material
             self.metrics.set_ca_expiry(authority.name, min(r.not_valid_after_utc for r in material.roots),
                                        material.valid_until)
+        self.metrics.track_queue_depth(lambda: sum(authority.depth for authority in self.authorities))
+        if server.metrics_listen:
+            host, _, port = server.metrics_listen.rpartition(":")
+            server_and_thread = self.metrics.start_http_server(host.strip("[]"), int(port))
+            self.ports["metrics"] = server_and_thread[0].server_address[1]  # type: ignore[attr-defined]
+        while not await self.probe():
+            reason = "; ".join(f"{name}: {why}" for name, why in self._unready.items())
+            log.warning("waiting for the signers' HSM before opening the ports", reason=reason,
+                        metrics_port=self.ports.get("metrics"))
+            if on_waiting is not None:
+                on_waiting(reason)
+            await asyncio.sleep(_SIGNER_CHECK_INTERVAL_S)
         if self._node_authorizer is not None:
             await self._node_authorizer.start()
         loop = asyncio.get_running_loop()
@@ -147,7 +168,9 @@ class CAServer:
         routes = self._routes(issuance)
         limits = Limits(max_message_bytes=server.max_receive_message_bytes,
                         max_concurrent_streams=server.max_concurrent_streams,
-                        max_header_list_bytes=server.max_metadata_bytes)
+                        max_header_list_bytes=server.max_metadata_bytes,
+                        max_metadata_key_bytes=server.max_metadata_key_bytes,
+                        max_metadata_value_bytes=server.max_metadata_value_bytes)
         self.endpoint = Endpoint(routes=routes, limits=limits, loop=loop,
                                  idle_timeout_s=server.idle_timeout_seconds,
                                  max_unauthenticated_calls=server.max_unauthenticated_calls,
@@ -157,11 +180,6 @@ class CAServer:
         for listener in self._listeners:
             await listener.start()
             self.ports[listener.name] = listener.port
-        if server.metrics_listen:
-            host, _, port = server.metrics_listen.rpartition(":")
-            server_and_thread = self.metrics.start_http_server(host.strip("[]"), int(port))
-            self.ports["metrics"] = server_and_thread[0].server_address[1]  # type: ignore[attr-defined]
-        await self.probe()
         self._tasks.append(asyncio.create_task(self._probe_loop()))
         if self.serving is not None:
             self._tasks.append(asyncio.create_task(self._renewal_loop()))
@@ -171,7 +189,8 @@ class CAServer:
         admission = self._admission
         handlers = {
             f"/{SERVICE}/{METHOD}": CreateCertificate(issuance),
-            f"/{BULK_SERVICE}/{BULK_METHOD}": CreateCertificates(issuance),
+            f"/{BULK_SERVICE}/{BULK_METHOD}": CreateCertificates(
+                issuance, max_requests=self._config.server.max_bulk_requests),
             f"/{HEALTH_SERVICE}/Check": HealthCheck(self.health),
             f"/{HEALTH_SERVICE}/Watch": HealthWatch(self.health),
             f"/{REFLECTION_SERVICE}/ServerReflectionInfo": ServerReflection(
@@ -216,22 +235,36 @@ class CAServer:
 
     async def probe(self) -> bool:
         """SERVING only if every Authority can sign a throwaway certificate now
-        (SPIRE's probe): the HSM answers and the signature verifies."""
+        (SPIRE's probe): the HSM answers and the signature verifies. For a
+        signer that lost its HSM this is also the attempt to recover."""
         loop = asyncio.get_running_loop()
-        healthy = True
         for authority in self.authorities:
             try:
                 await loop.run_in_executor(self._executor, authority.probe)
             except FastcaError as error:
-                healthy = False
-                log.error("health probe failed", signer=authority.name, reason=str(error))
+                if authority.name not in self._unready:
+                    log.error("health probe failed", signer=authority.name, reason=str(error))
+                self._unready[authority.name] = str(error)
+            else:
+                if self._unready.pop(authority.name, None) is not None:
+                    log.info("signer ready again", signer=authority.name)
+            self.metrics.set_signer_ready(authority.name, authority.name not in self._unready)
+        healthy = not self._unready
         self.health.set_all(healthy)
         return healthy
 
     async def _probe_loop(self) -> None:
+        """A full probe every _HEALTH_PROBE_INTERVAL_S; every second while a
+        signer is down or says it lost its HSM (a call failed on it), so
+        readiness follows the HSM within about a second both ways."""
+        since_probe = 0.0
         while True:
-            await asyncio.sleep(_HEALTH_PROBE_INTERVAL_S)
-            await self.probe()
+            await asyncio.sleep(_SIGNER_CHECK_INTERVAL_S)
+            since_probe += _SIGNER_CHECK_INTERVAL_S
+            lost = any(not authority.signer_available for authority in self.authorities)
+            if lost or self._unready or since_probe >= _HEALTH_PROBE_INTERVAL_S:
+                since_probe = 0.0
+                await self.probe()
 
     async def _renewal_loop(self) -> None:
         assert self.serving is not None
@@ -272,20 +305,35 @@ class CAServer:
         self.metrics.stop()
         log.info("stopped")
 
-    async def run_until_signalled(self) -> None:
+    async def run_until_signalled(self, *, on_waiting: Callable[[str], None] | None = None,
+                                  on_serving: Callable[[dict[str, int]], None] | None = None) -> None:
+        """Start, serve until SIGTERM or SIGINT, stop gracefully. A signal
+        while still waiting for the HSM ends the wait and the process."""
         # Handlers first: a SIGTERM that arrives while starting (right after
         # "serving" is logged, say) still gets the graceful shutdown.
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        starting = asyncio.ensure_future(self.start(on_waiting))
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            await self.start()
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("shutting down", reason="signal before serving")
+                starting.cancel()
+                await self.stop(grace=0)
+                return
+            starting.result()
         except BaseException:
+            starting.cancel()
+            stopping.cancel()
             await self.stop(grace=0)
             raise
         log.info("startup heap frozen", objects=freeze_startup_heap())
-        await stop.wait()
+        if on_serving is not None:
+            on_serving(self.ports)
+        await stopping
         log.info("shutting down", reason="signal")
         await self.stop()
 

@@ -53,26 +53,17 @@ def _worker_main(state_dir: str, config_data: dict[str, Any], index: int, ready:
 
     import uvloop
 
-    from fastca.frontend.server import CAServer, freeze_startup_heap
+    from fastca.frontend.server import CAServer
 
     configure_logging()
     config = CAConfig.from_mapping(config_data, source="worker configuration")
 
     async def run() -> None:
         server = CAServer.from_state(Path(state_dir), config)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        try:
-            await server.start()
-        except BaseException:
-            await server.stop(grace=0)
-            raise
-        log.info("startup heap frozen", objects=freeze_startup_heap())
-        ready.put((index, os.getpid(), server.ports))
-        await stop.wait()
-        await server.stop()
+        # Each attempt while the HSM is awaited tells the supervisor this
+        # worker is alive and why it is not serving yet.
+        await server.run_until_signalled(on_waiting=lambda reason: ready.put((index, None, reason)),
+                                         on_serving=lambda ports: ready.put((index, os.getpid(), ports)))
 
     uvloop.run(run())
 
@@ -99,6 +90,8 @@ class _Supervisor:
         reported: dict[int, tuple[int, dict[str, int]]] = {}
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         while indexes - set(reported):
+            if self._stopping:
+                raise ConfigurationError("stopped before every worker was serving")
             if time.monotonic() > deadline:
                 raise ConfigurationError("workers did not start in time")
             for index in indexes - set(reported):
@@ -108,6 +101,10 @@ class _Supervisor:
             try:
                 index, pid, ports = self._ready.get(timeout=0.2)
             except queue.Empty:
+                continue
+            if pid is None:
+                # Waiting for its HSM: not stuck, so no deadline while it says so.
+                deadline = time.monotonic() + _STARTUP_TIMEOUT_S
                 continue
             reported[index] = (pid, ports)
         return reported

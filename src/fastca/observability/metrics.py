@@ -31,7 +31,7 @@ import bisect
 import datetime as dt
 import re
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
@@ -208,6 +208,9 @@ class Metrics:
         self._audit_commit = Histogram("fastca_audit_commit_seconds",
                                        "Time to commit one audit transaction (group commit), seconds.",
                                        buckets=COMMIT_BUCKETS, registry=inner)
+        self._signer_ready = Gauge("fastca_signer_ready",
+                                   "1 while a signer's last health probe signed and verified, else 0 "
+                                   "(its HSM is gone or being waited for).", ["signer"], registry=inner)
         self._auth_failures = Counter("fastca_authentication_failures",
                                       "Requests whose credentials were rejected, by reason.", ["reason"],
                                       registry=inner)
@@ -271,6 +274,10 @@ class Metrics:
     def set_queue_depth(self, n: int) -> None:
         self._queue_depth.set(n)
 
+    def track_queue_depth(self, depth: Callable[[], int]) -> None:
+        """Read the depth when scraped (a plain int read, safe from the HTTP thread)."""
+        self._queue_depth.set_function(depth)
+
     def observe_audit_commit(self, seconds: float) -> None:
         self._audit_commit.observe(seconds)
 
@@ -279,6 +286,9 @@ class Metrics:
         self._audit_commit.observe(seconds)
 
     # -- CA lifecycle --------------------------------------------------------
+
+    def set_signer_ready(self, signer: str, ready: bool) -> None:
+        self._signer_ready.labels(_label(signer)).set(1 if ready else 0)
 
     def set_ca_expiry(self, signer: str, root_not_after: dt.datetime, chain_not_after: dt.datetime) -> None:
         """``root_not_after``: the earliest expiry in the root bundle;

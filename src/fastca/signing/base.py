@@ -55,6 +55,8 @@ class Signer(Protocol):
     def ecdsa_raw(self) -> bool: ...
     @property
     def home_executor(self) -> Executor | None: ...
+    @property
+    def available(self) -> bool: ...
     def sign(self, data: bytes) -> bytes: ...
     def sign_many(self, data: Sequence[bytes]) -> list[bytes]: ...
     def close(self) -> None: ...
@@ -90,6 +92,12 @@ class SignerBase(ABC):
         Work that signs is best run there: ``sign_many`` then needs no
         hand-off between threads. None: any thread will do."""
         return None
+
+    @property
+    def available(self) -> bool:
+        """False while the signer knows it cannot sign (its HSM is gone) and
+        is waiting to recover; answered without calling the key."""
+        return True
 
     def sign(self, data: bytes) -> bytes:
         return self.sign_many([data])[0]

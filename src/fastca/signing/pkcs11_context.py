@@ -26,10 +26,16 @@ from pkcs11 import exceptions as p11_errors
 from fastca.errors import CANotReady, ConfigurationError
 from fastca.signing.pkcs11_uri import Pkcs11Uri
 
-__all__ = ["Pkcs11Context", "SOFTHSM2_CONF_ENV"]
+__all__ = ["Pkcs11Context", "PinRefused", "SOFTHSM2_CONF_ENV"]
 
 T = TypeVar("T")
 SOFTHSM2_CONF_ENV = "SOFTHSM2_CONF"
+
+
+class PinRefused(ConfigurationError):
+    """The token refused the PIN (incorrect or locked). Trying the same PIN
+    again can only lock it: whoever catches this must not retry until the
+    PIN changes."""
 
 
 class _OnThread(Executor):
@@ -55,6 +61,9 @@ class Pkcs11Context:
         # Confined to the PKCS#11 thread:
         self._libraries: dict[str, tuple[Any, str | None]] = {}
         self._sessions: dict[tuple[str, str], Any] = {}
+        # Bumped by each re-initialisation of a module: a handle opened in an
+        # older generation belongs to a session that no longer exists.
+        self._generations: dict[str, int] = {}
 
     @classmethod
     def for_this_process(cls) -> Pkcs11Context:
@@ -127,6 +136,8 @@ class Pkcs11Context:
             raise CANotReady(f"no PKCS#11 token matches {uri}") from None
         except p11_errors.MultipleTokensReturned:
             raise ConfigurationError(f"more than one PKCS#11 token matches {uri}; add token= or serial=") from None
+        except p11_errors.PKCS11Error as exc:
+            raise CANotReady(f"cannot list the PKCS#11 tokens for {uri}: {type(exc).__name__}") from None
 
     def session(self, uri: Pkcs11Uri, softhsm_conf: str | None = None, module_default: str | None = None) -> Any:
         """A logged-in session on the URI's token, opened once and never
@@ -143,9 +154,9 @@ class Pkcs11Context:
             session = token.open(rw=True, user_pin=pin)
         except p11_errors.PinIncorrect:
             # One attempt only: a retry loop would lock the PIN on a real HSM.
-            raise ConfigurationError(f"PKCS#11 login to token {token.label!r} failed: PIN incorrect") from None
+            raise PinRefused(f"PKCS#11 login to token {token.label!r} failed: PIN incorrect") from None
         except p11_errors.PinLocked:
-            raise ConfigurationError(f"PKCS#11 token {token.label!r}: PIN locked") from None
+            raise PinRefused(f"PKCS#11 token {token.label!r}: PIN locked") from None
         except p11_errors.UserAlreadyLoggedIn:
             session = token.open(rw=True)
         except p11_errors.PKCS11Error as exc:
@@ -154,3 +165,29 @@ class Pkcs11Context:
             pin = None
         self._sessions[key] = session
         return session
+
+    def generation(self, module_path: str) -> int:
+        """How many times ``module_path`` has been re-initialised in this process."""
+        return self._generations.get(module_path, 0)
+
+    def reinitialize(self, module_path: str) -> None:
+        """C_Finalize then C_Initialize the module: how a PKCS#11 application
+        gets a token that went away (a network HSM restarted, a token
+        directory restored) back. Every session of the module in this process
+        ends with it, login included, so every signer on it must reopen:
+        ``generation`` tells them."""
+        self._check_thread()
+        loaded = self._libraries.get(module_path)
+        if loaded is None:
+            return
+        library = loaded[0]
+        self._sessions = {key: session for key, session in self._sessions.items() if key[0] != module_path}
+        self._generations[module_path] = self.generation(module_path) + 1
+        try:
+            library.finalize()
+        except p11_errors.PKCS11Error:
+            pass   # a device that failed may fail this too; the module is finalised for us all the same
+        try:
+            library.initialize()
+        except p11_errors.PKCS11Error as exc:
+            raise CANotReady(f"cannot re-initialise PKCS#11 module {module_path}: {type(exc).__name__}") from None

@@ -125,18 +125,25 @@ class Pkcs11Uri:
     def with_object(self, label: str, obj_type: str | None = None) -> Pkcs11Uri:
         return Pkcs11Uri(**{**self.__dict__, "object": label, "type": obj_type or self.type})
 
-    def read_pin(self) -> str | None:
-        """The user PIN from pin-value or pin-source (a file: URI or a path)."""
-        if self.pin_value is not None:
-            return self.pin_value
-        if self.pin_source is None:
+    def pin_file(self) -> Path | None:
+        """The file pin-source names (a file: URI or a path), if any."""
+        if self.pin_value is not None or self.pin_source is None:
             return None
         source = self.pin_source
         if source.startswith("file:"):
             source = source[len("file:"):]
             if source.startswith("//"):
                 source = source[2:]
-        data = read_secret_file(Path(source), "PKCS#11 PIN file", _MAX_PIN_FILE_BYTES)
+        return Path(source)
+
+    def read_pin(self) -> str | None:
+        """The user PIN from pin-value or pin-source (a file: URI or a path)."""
+        if self.pin_value is not None:
+            return self.pin_value
+        source = self.pin_file()
+        if source is None:
+            return None
+        data = read_secret_file(source, "PKCS#11 PIN file", _MAX_PIN_FILE_BYTES)
         try:
             return data.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
