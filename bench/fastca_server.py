@@ -69,9 +69,18 @@ class FastcaServer:
         config_path = self.state / "fastca.toml"
         body = tomllib.loads(config_path.read_text())
         body["authn"] = {"tokenreview": [{"cluster_id": CLUSTER_ID, "api_server": api_url,
-                                          "ca_file": str(api_ca_file), "token_file": str(token_file)}]}
+                                          "ca_file": str(api_ca_file), "token_file": str(token_file)}],
+                        # Every generator connection comes from 127.0.0.1: the per-address cap
+                        # on calls awaiting a TokenReview (64) would refuse a cold start's burst.
+                        "max_pending_per_peer": 100_000}
+        # The load generators issue thousands of certificates a second per
+        # connection's identity; the per-identity rate limit (on by default,
+        # 1/s, burst 20) is off here so results stay comparable with istiod,
+        # which has none; bulk runs may send more than the default 100 per call.
+        body.setdefault("policy", {})["rate_limit"] = {"per_identity_per_second": 0}
+        body.setdefault("server", {})["max_bulk_requests"] = 10_000
         if server_settings:
-            body.setdefault("server", {}).update(server_settings)
+            body["server"].update(server_settings)
         config_path.write_text(tomli_w.dumps(body))
         self._process: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}

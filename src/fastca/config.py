@@ -98,6 +98,13 @@ class ServerConfig(_Section):
     # request headers of one call, names and values (INVALID_ARGUMENT beyond).
     max_concurrent_streams: int = Field(100, ge=1, le=10_000)
     max_metadata_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    # Each request header (gRPC metadata entry): its name and its value,
+    # checked as the header arrives, before anything reads it
+    # (INVALID_ARGUMENT beyond; the name is never echoed).
+    max_metadata_key_bytes: int = Field(256, ge=16, le=16 * 1024)
+    max_metadata_value_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
+    # Elements of one bulk call (fastca.v1.BulkCertificateService); more is INVALID_ARGUMENT.
+    max_bulk_requests: int = Field(100, ge=1, le=10_000)
     handshake_timeout_seconds: float = Field(10.0, gt=0)        # TLS handshake, from accept
     idle_timeout_seconds: float = Field(300.0, ge=0)            # no call for this long: GOAWAY (0: never)
     max_unauthenticated_calls: int = Field(256, ge=1)           # refused authentications, then the connection goes
@@ -142,7 +149,11 @@ class ServerConfig(_Section):
 
 
 class RateLimitConfig(_Section):
-    per_identity_per_second: float | None = Field(None, gt=0)   # None: no limit
+    # Certificates per identity: a sustained rate and a burst. An Istio agent
+    # renews once per half TTL (every 12 h by default), so 1/s with a burst
+    # of 20 never touches a legitimate workload and bounds a stolen token.
+    # 0: no limit.
+    per_identity_per_second: float | None = Field(1.0, ge=0)
     burst: int = Field(20, ge=1)
     max_tracked_identities: int = Field(100_000, ge=1)
 

@@ -9,6 +9,8 @@ detail for logs. Neither ever contains a PIN, key or token.
     ├── InvalidRequest           INVALID_ARGUMENT   bad CSR, bad identity, bad metadata
     │   └── InvalidTTL           INVALID_ARGUMENT   TTL above the maximum
     ├── AuthenticationFailed     UNAUTHENTICATED    no or bad credentials, impersonation denied
+    ├── AuthenticatorUnavailable UNAVAILABLE        the credential could not be judged (API server or
+                                                    issuer down, timed out): retried, never cached
     ├── PolicyDenied             PERMISSION_DENIED  authenticated, but policy forbids it now or from here
     ├── Overloaded               RESOURCE_EXHAUSTED queue full (agents retry it)
     ├── CANotReady               UNAVAILABLE        no usable CA material or HSM (retried)
@@ -26,6 +28,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTTL",
     "AuthenticationFailed",
+    "AuthenticatorUnavailable",
     "PolicyDenied",
     "Overloaded",
     "CANotReady",
@@ -62,6 +65,15 @@ class InvalidTTL(InvalidRequest):
 
 class AuthenticationFailed(FastcaError):
     public_message = "request authenticate failure"
+
+
+class AuthenticatorUnavailable(FastcaError):
+    """The credential may be good, but what judges it did not answer (a
+    TokenReview that timed out, an API server returning 5xx). Not a verdict
+    on the caller: it does not count against its connection and is never
+    remembered as a rejection."""
+
+    public_message = "authentication is unavailable, retry later"
 
 
 class PolicyDenied(FastcaError):
@@ -104,6 +116,7 @@ def grpc_status_of(error: FastcaError) -> str:
 GRPC_STATUS: dict[type[FastcaError], str] = {
     InvalidRequest: "INVALID_ARGUMENT",
     AuthenticationFailed: "UNAUTHENTICATED",
+    AuthenticatorUnavailable: "UNAVAILABLE",
     PolicyDenied: "PERMISSION_DENIED",
     Overloaded: "RESOURCE_EXHAUSTED",
     CANotReady: "UNAVAILABLE",

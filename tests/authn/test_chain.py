@@ -143,3 +143,72 @@ def test_each_credential_finds_its_authenticator_in_one_chain(servers):
     assert reasons.startswith("oidc: ") and "; tokenreview: " in reasons and "; xfcc: " in reasons
     assert "garbage" not in reasons
     assert json.loads(kube_server.requests[-1].body)["spec"]["token"] == "garbage"
+
+
+class Slow:
+    """An authenticator that must wait (as a TokenReview not cached does) until released."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def authenticate(self, request: RequestInfo):
+        self.started += 1
+        await self.release.wait()
+        raise AuthenticationFailed("not this one")
+
+
+def test_calls_pending_authentication_are_capped_per_peer_before_any_network_work():
+    from fastca.errors import Overloaded, grpc_status_of
+
+    async def go():
+        slow = Slow()
+        chain = AuthenticatorChain([slow], max_pending_per_peer=3)
+        first = [asyncio.ensure_future(chain.authenticate(request(token="t", peer_ip="10.0.0.1"))) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert chain.pending("10.0.0.1") == 3
+        with pytest.raises(Overloaded) as info:
+            await chain.authenticate(request(token="t", peer_ip="10.0.0.1"))
+        # Another address is not held back by this one.
+        other = asyncio.ensure_future(chain.authenticate(request(token="t", peer_ip="10.0.0.2")))
+        await asyncio.sleep(0)
+        assert slow.started == 4
+        slow.release.set()
+        outcomes = await asyncio.gather(*first, other, return_exceptions=True)
+        assert all(isinstance(o, AuthenticationFailed) for o in outcomes)
+        assert chain.pending("10.0.0.1") == 0 and chain._pending == {}
+        # Slots come back: the peer may try again.
+        with pytest.raises(AuthenticationFailed):
+            await chain.authenticate(request(token="t", peer_ip="10.0.0.1"))
+        return info.value
+
+    error = asyncio.run(go())
+    assert grpc_status_of(error) == "RESOURCE_EXHAUSTED"
+    assert "at most 3 at once" in error.public_message and "max_pending_per_peer" in error.public_message
+
+
+def test_calls_judged_at_once_take_no_pending_place():
+    class Now:
+        name = "now"
+
+        def authenticate_now(self, request):
+            return ALICE
+
+    async def go():
+        chain = AuthenticatorChain([Now()], max_pending_per_peer=1)
+        return [await chain.authenticate(request(token="t")) for _ in range(5)]
+
+    assert asyncio.run(go()) == [ALICE] * 5
+
+
+def test_an_unanswered_check_makes_the_verdict_unavailable_unless_another_accepts():
+    from fastca.errors import AuthenticatorUnavailable, grpc_status_of
+
+    down = Fixed("tokenreview", AuthenticatorUnavailable("TokenReview timed out"))
+    with pytest.raises(AuthenticatorUnavailable) as info:
+        run_chain(Fixed("oidc", AuthenticationFailed("issuer differs")), down)
+    assert grpc_status_of(info.value) == "UNAVAILABLE"
+    assert "TokenReview timed out" in str(info.value) and "issuer differs" in str(info.value)
+    assert run_chain(down, Fixed("wins", ALICE)) is ALICE

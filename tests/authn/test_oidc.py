@@ -299,3 +299,41 @@ def test_istio_agent_fixture_token_shape(tmp_path):
     assert (caller.kubernetes.pod_name, caller.kubernetes.pod_uid) == (
         "sleep-7f69474bf9-6pmf5", "bca5b2e9-f7f2-11e8-8286-42010a800003")
     assert isinstance(refused, AuthenticationFailed)
+
+
+def test_a_refused_token_is_verified_once_then_refused_from_memory(issuer, monkeypatch):
+    """A bad signature or an expired token is a verdict: the same token again
+    within the TTL is refused without verifying it; a good token is not
+    affected, and the memory holds a hash, not the token."""
+    from fastca.authn._rejections import RejectionCache
+
+    clock = FakeClock()
+    rejections = RejectionCache(100, 10.0, clock)
+    auth = OidcAuthenticator(provider(issuer), trust_domain=TRUST_DOMAIN, rejections=rejections)
+    forged = jwt.encode({"alg": "RS256", "kid": "rsa-1"}, claims(), ROGUE, algorithms=["RS256"])
+    expired = signed(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200, nbf=int(time.time()) - 7200)
+    verifications = []
+    original = OidcAuthenticator._verified
+    monkeypatch.setattr(OidcAuthenticator, "_verified",
+                        lambda self, token, key: verifications.append(1) or original(self, token, key))
+    results = check(auth, *([forged] * 50 + [expired] * 50 + [signed()]))
+    assert all(isinstance(r, AuthenticationFailed) for r in results[:100])
+    assert "within the last 10 s" in str(results[99])
+    assert results[100].identities == ("spiffe://cluster.local/ns/default/sa/sleep",)
+    assert len(verifications) == 3                      # forged once, expired once, the good one
+    assert len(rejections) == 2
+    assert forged.encode() not in repr(rejections._entries).encode()
+    clock.advance(11)
+    auth = OidcAuthenticator(provider(issuer), trust_domain=TRUST_DOMAIN, rejections=rejections)
+    check(auth, forged)
+    assert len(verifications) == 4                      # past the TTL: verified again
+
+
+def test_an_unknown_kid_is_not_remembered(issuer):
+    from fastca.authn._rejections import RejectionCache
+
+    rejections = RejectionCache(100, 10.0)
+    auth = OidcAuthenticator(provider(issuer), trust_domain=TRUST_DOMAIN, rejections=rejections)
+    stranger = RSAKey.generate_key(2048, parameters={"kid": "not-yet-published"})
+    result, = check(auth, signed(key=stranger))
+    assert isinstance(result, AuthenticationFailed) and len(rejections) == 0

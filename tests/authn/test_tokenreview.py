@@ -14,8 +14,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from fastca.authn.config import TokenReviewCluster
+from fastca.authn._rejections import RejectionCache
+from fastca.authn.caller import PENDING
 from fastca.authn.k8s_tokenreview import TokenReviewAuthenticator, token_expiry
-from fastca.errors import AuthenticationFailed
+from fastca.errors import AuthenticationFailed, AuthenticatorUnavailable, grpc_status_of
 from tests.authn._https import FakeHttpsServer, Request, Response
 from tests.authn._pki import make_leaf, make_root
 from tests.authn._support import TRUST_DOMAIN, FakeClock, request, unsigned_jwt
@@ -184,19 +186,20 @@ def test_cache_never_outlives_the_token(api, tmp_path):
     run(go)
 
 
-def test_failures_are_not_cached_and_cache_is_bounded(api, tmp_path):
+def test_rejections_are_not_accepted_from_cache_and_cache_is_bounded(api, tmp_path):
     clock = FakeClock()
     tokens = [sa_token(f"w{i}") for i in range(4)]
     for i, token in enumerate(tokens):
         api.fake.service_account(token, account=f"w{i}")
 
     async def go():
-        auth = TokenReviewAuthenticator([cluster(api, tmp_path)], trust_domain=TRUST_DOMAIN, cache_size=2, clock=clock)
+        auth = TokenReviewAuthenticator([cluster(api, tmp_path)], trust_domain=TRUST_DOMAIN, cache_size=2, clock=clock,
+                                        rejections=RejectionCache(0, 10.0))     # only the positive cache here
         try:
             for _ in range(2):
                 with pytest.raises(AuthenticationFailed):
                     await auth.authenticate(request(token="not-a-known-token"))
-            assert len(api.requests) == 2
+            assert len(api.requests) == 2 and len(auth.cache) == 0
             for token in tokens:
                 await auth.authenticate(request(token=token))
             assert len(auth.cache) == 2
@@ -307,7 +310,7 @@ def test_reviews_that_must_not_authenticate(api, tmp_path, case):
 
 
 @pytest.mark.parametrize("fault", ["http_500", "timeout", "not_json", "refused", "wrong_server_ca", "api_401"])
-def test_api_server_faults_are_failures_not_exceptions(api, tmp_path, fault, caplog):
+def test_api_server_faults_are_unavailable_not_exceptions_and_not_remembered(api, tmp_path, fault, caplog):
     token = sa_token("fault")
     api.fake.service_account(token)
     overrides: dict[str, Any] = {}
@@ -331,16 +334,82 @@ def test_api_server_faults_are_failures_not_exceptions(api, tmp_path, fault, cap
         auth = TokenReviewAuthenticator([cluster(api, tmp_path, **overrides)], trust_domain=TRUST_DOMAIN)
         try:
             started = time.monotonic()
-            with pytest.raises(AuthenticationFailed) as info:
+            with pytest.raises(AuthenticatorUnavailable) as info:
                 await auth.authenticate(request(token=token))
-            return info.value, time.monotonic() - started, repr(auth)
+            elapsed = time.monotonic() - started
+            # No verdict was had: the next call asks again (retryable), nothing is remembered.
+            assert len(auth.rejections) == 0
+            assert auth.authenticate_now(request(token=token)) is PENDING
+            return info.value, elapsed, repr(auth)
         finally:
             await auth.aclose()
 
     with caplog.at_level(logging.DEBUG):
         error, elapsed, text = run(go)
     assert elapsed < 1.5
+    assert grpc_status_of(error) == "UNAVAILABLE"
     assert token not in str(error) and token not in caplog.text and token not in text
+
+
+def test_a_refused_token_is_reviewed_once_then_refused_from_memory_until_ttl(api, tmp_path, caplog):
+    """200 calls with the same bogus token: one TokenReview. The memory is
+    keyed by a hash (the token is not in it) and lasts the configured TTL."""
+    clock = FakeClock()
+    bogus = sa_token("forged")
+
+    async def go():
+        rejections = RejectionCache(100, 10.0, clock)
+        auth = TokenReviewAuthenticator([cluster(api, tmp_path)], trust_domain=TRUST_DOMAIN, rejections=rejections)
+        try:
+            # Concurrent ones share the review; later ones are refused at once.
+            first = await asyncio.gather(*(auth.authenticate(request(token=bogus)) for _ in range(100)),
+                                         return_exceptions=True)
+            assert all(isinstance(e, AuthenticationFailed) for e in first)
+            for _ in range(100):
+                with pytest.raises(AuthenticationFailed) as info:
+                    auth.authenticate_now(request(token=bogus))      # no I/O at all
+            assert "refused by the API server within the last 10 s" in str(info.value)
+            assert len(api.requests_to(REVIEW_PATH)) == 1
+            assert bogus.encode() not in repr(rejections._entries).encode()
+            clock.advance(10.5)
+            assert auth.authenticate_now(request(token=bogus)) is PENDING
+            with pytest.raises(AuthenticationFailed):
+                await auth.authenticate(request(token=bogus))
+            assert len(api.requests_to(REVIEW_PATH)) == 2
+        finally:
+            await auth.aclose()
+
+    with caplog.at_level(logging.DEBUG):
+        run(go)
+    assert bogus not in caplog.text
+
+
+def test_rejection_memory_is_bounded_and_per_cluster(api, tmp_path):
+    clock = FakeClock()
+
+    async def go():
+        rejections = RejectionCache(3, 10.0, clock)
+        auth = TokenReviewAuthenticator([cluster(api, tmp_path), cluster(api, tmp_path, cluster_id="other")],
+                                        trust_domain=TRUST_DOMAIN, rejections=rejections)
+        try:
+            for i in range(5):
+                with pytest.raises(AuthenticationFailed):
+                    await auth.authenticate(request(token=f"bogus-{i}"))
+            assert len(rejections) == 3                        # LRU: the oldest two are gone
+            with pytest.raises(AuthenticationFailed):
+                await auth.authenticate(request(token="bogus-0"))
+            assert len(api.requests_to(REVIEW_PATH)) == 6
+            with pytest.raises(AuthenticationFailed):
+                await auth.authenticate(request(token="bogus-4"))      # still remembered
+            assert len(api.requests_to(REVIEW_PATH)) == 6
+            # A refusal by one cluster says nothing of another's.
+            with pytest.raises(AuthenticationFailed):
+                await auth.authenticate(request(token="bogus-4", cluster_id="other"))
+            assert len(api.requests_to(REVIEW_PATH)) == 7
+        finally:
+            await auth.aclose()
+
+    run(go)
 
 
 def test_token_file_is_reread_on_every_call(api, tmp_path):

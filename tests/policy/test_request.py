@@ -84,3 +84,23 @@ def test_bad_policy_configuration_is_refused():
         PolicyConfig.model_validate({"time_windows": [{"identities": ["*"], "start": "25:00", "end": "02:00"}]})
     with pytest.raises(ValidationError):
         PolicyConfig.model_validate({"source_networks": [{"identities": ["*"], "cidrs": ["10.0.0.0/33"]}]})
+
+
+def test_default_rate_is_one_per_second_with_a_burst_of_twenty_and_zero_turns_it_off():
+    """On unless configured off: a stolen token mints 20 certificates, then
+    one a second; an Istio agent renewing twice a day never notices."""
+    clock = ManualClock(100.0)
+    policy = RequestPolicy(PolicyConfig(), clock=clock)
+    for _ in range(20):
+        policy.check(ID, LOOPBACK)
+    with pytest.raises(Overloaded) as info:
+        policy.check(ID, LOOPBACK)
+    assert "rate limit" in info.value.public_message
+    clock.advance(1.0)
+    policy.check(ID, LOOPBACK)
+    with pytest.raises(Overloaded):
+        policy.check(ID, LOOPBACK)
+    unlimited = RequestPolicy(PolicyConfig.model_validate({"rate_limit": {"per_identity_per_second": 0}}),
+                              clock=clock)
+    for _ in range(1000):
+        unlimited.check(ID, LOOPBACK)

@@ -1,7 +1,15 @@
 """istiod's authentication order: try each authenticator in turn; the first
 that yields a caller wins. Authenticators that can decide without I/O
 (``authenticate_now``) are asked that way first, so the front end needs no
-coroutine for a caller it can judge at once."""
+coroutine for a caller it can judge at once.
+
+Work before authentication is bounded per peer address: at most
+``max_pending_per_peer`` calls from one IP may be waiting on an
+authenticator that goes to the network; past that a call is refused
+(``Overloaded``, RESOURCE_EXHAUSTED) before any request is made. An
+authenticator that could not judge the credential (``AuthenticatorUnavailable``:
+its API server or issuer did not answer) makes the whole verdict
+UNAVAILABLE unless another authenticator accepts the caller."""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import logging
 from collections.abc import Sequence
 
 from fastca.authn.caller import PENDING, Authenticator, Caller, RequestInfo
-from fastca.errors import AuthenticationFailed
+from fastca.errors import AuthenticationFailed, AuthenticatorUnavailable, Overloaded
 
 __all__ = ["AuthenticatorChain"]
 
@@ -23,8 +31,15 @@ class AuthenticatorChain:
     detail joins the reasons and whose public message stays istiod's
     "request authenticate failure"."""
 
-    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+    def __init__(self, authenticators: Sequence[Authenticator], *, max_pending_per_peer: int = 64) -> None:
         self.authenticators: tuple[Authenticator, ...] = tuple(authenticators)
+        self.max_pending_per_peer = max_pending_per_peer
+        # peer address -> calls from it awaiting a slow authenticator; an
+        # entry exists only while its count is above zero.
+        self._pending: dict[str, int] = {}
+
+    def pending(self, peer: str) -> int:
+        return self._pending.get(peer, 0)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -42,17 +57,38 @@ class AuthenticatorChain:
 
     async def authenticate(self, request: RequestInfo) -> Caller:
         reasons: list[str] = []
-        start = 0
+        outcome, index, reasons = self._run_now(request, 0, reasons)
+        if outcome is not PENDING:
+            return self._verdict(outcome, reasons)
+        # Some authenticator has to go to the network: the caller's address
+        # takes a place among its pending calls for as long as that lasts.
+        peer = str(request.peer_ip) if request.peer_ip is not None else request.peer
+        pending = self._pending.get(peer, 0)
+        if pending >= self.max_pending_per_peer:
+            raise Overloaded(f"{pending} calls from {peer} already awaiting authentication",
+                             public_message=f"too many calls from this address awaiting authentication "
+                             f"(at most {self.max_pending_per_peer} at once): wait for them to finish, retry with "
+                             f"backoff, or raise [authn] max_pending_per_peer")
+        self._pending[peer] = pending + 1
+        try:
+            return await self._slowly(request, outcome, index, reasons)
+        finally:
+            left = self._pending[peer] - 1
+            if left:
+                self._pending[peer] = left
+            else:
+                del self._pending[peer]
+
+    async def _slowly(self, request: RequestInfo, outcome: object, index: int, reasons: list[str]) -> Caller:
         while True:
-            outcome, index, reasons = self._run_now(request, start, reasons)
             if outcome is not PENDING:
                 return self._verdict(outcome, reasons)
             # This authenticator has to wait: ask it the slow way, then go on.
             authenticator = self.authenticators[index]
             try:
                 caller = await authenticator.authenticate(request)
-            except AuthenticationFailed as exc:
-                reasons.append(f"{authenticator.name}: {exc}")
+            except (AuthenticationFailed, AuthenticatorUnavailable) as exc:
+                reasons.append(_reason(authenticator.name, exc))
                 caller = None
             except Exception as exc:
                 log.exception("authenticator %s raised unexpectedly", authenticator.name)
@@ -62,7 +98,7 @@ class AuthenticatorChain:
                 accepted = self._accept(authenticator, caller, reasons)
                 if accepted is not None:
                     return accepted
-            start = index + 1
+            outcome, index, reasons = self._run_now(request, index + 1, reasons)
 
     def _run_now(self, request: RequestInfo, start: int,
                  reasons: list[str]) -> tuple[Caller | object | None, int, list[str]]:
@@ -75,8 +111,8 @@ class AuthenticatorChain:
                 return PENDING, index, reasons
             try:
                 caller = now(request)
-            except AuthenticationFailed as exc:
-                reasons.append(f"{authenticator.name}: {exc}")
+            except (AuthenticationFailed, AuthenticatorUnavailable) as exc:
+                reasons.append(_reason(authenticator.name, exc))
                 continue
             except Exception as exc:
                 # A bug or an outage in one authenticator is that
@@ -106,7 +142,11 @@ class AuthenticatorChain:
     def _verdict(outcome: Caller | object | None, reasons: list[str]) -> Caller:
         if isinstance(outcome, Caller):
             return outcome
-        raise AuthenticationFailed("; ".join(reasons or ["no credentials"]))
+        detail = "; ".join(reasons or ["no credentials"])
+        if any(reason.startswith(_UNAVAILABLE) for reason in reasons):
+            # One of them might have accepted the caller had it answered.
+            raise AuthenticatorUnavailable(detail)
+        raise AuthenticationFailed(detail)
 
     async def aclose(self) -> None:
         """Release what the authenticators hold (HTTP connection pools)."""
@@ -120,3 +160,13 @@ class AuthenticatorChain:
 
     def __repr__(self) -> str:
         return f"AuthenticatorChain({list(self.names)})"
+
+
+_UNAVAILABLE = "unavailable "
+
+
+def _reason(name: str, error: Exception) -> str:
+    """An authenticator's reason for the verdict's detail; an unanswered
+    check is marked so the verdict becomes UNAVAILABLE."""
+    prefix = _UNAVAILABLE if isinstance(error, AuthenticatorUnavailable) else ""
+    return f"{prefix}{name}: {error}"

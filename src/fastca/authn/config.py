@@ -30,6 +30,7 @@ __all__ = [
     "NodeAuthorizerConfig",
     "OidcProvider",
     "PluginConfig",
+    "RejectionCacheConfig",
     "TokenReviewCacheConfig",
     "TokenReviewCluster",
     "XfccConfig",
@@ -103,6 +104,16 @@ class TokenReviewCluster(_Section):
 class TokenReviewCacheConfig(_Section):
     size: int = Field(10_000, ge=0)              # 0: no cache
     ttl_seconds: float = Field(30.0, ge=0, le=600)
+
+
+class RejectionCacheConfig(_Section):
+    """Tokens the API server or the issuer refused outright (not
+    authenticated, bad signature, expired), remembered briefly so a caller
+    retrying one costs no further TokenReview or verification. Outages and
+    timeouts are never remembered. Keyed by a hash of the token."""
+
+    size: int = Field(10_000, ge=0)              # entries (LRU); 0: no cache
+    ttl_seconds: float = Field(10.0, ge=0, le=300)
 
 
 class OidcProvider(_Section):
@@ -193,6 +204,12 @@ class AuthnConfig(_Section):
     mtls: bool = True
     tokenreview: list[TokenReviewCluster] = []
     tokenreview_cache: TokenReviewCacheConfig = TokenReviewCacheConfig()
+    rejection_cache: RejectionCacheConfig = RejectionCacheConfig()
+    # Calls from one peer address (IP) waiting on an authenticator that has
+    # to go to the network (a TokenReview not cached, OIDC); past it a call
+    # is answered RESOURCE_EXHAUSTED before any request is made. Calls
+    # judged at once (client certificate, cached review, XFCC) never wait.
+    max_pending_per_peer: int = Field(64, ge=1, le=100_000)
     oidc: list[OidcProvider] = []
     xfcc: XfccConfig = XfccConfig()
     plugins: list[PluginConfig] = []
@@ -263,7 +280,11 @@ def build_authenticators(config: AuthnConfig, *, trust_domain: str,
     from fastca.authn.plugins import load_plugin
     from fastca.authn.xfcc import XfccAuthenticator
 
+    from fastca.authn._rejections import RejectionCache
+
     order = list(config.order) + [p.name for p in config.plugins if p.name not in config.order]
+    # One table for every remote authenticator: entries are scoped by cluster or issuer.
+    rejections = RejectionCache(config.rejection_cache.size, config.rejection_cache.ttl_seconds, clock.monotonic)
     plugins = {p.name: p for p in config.plugins}
     authenticators: list[Any] = []
     for name in order:
@@ -275,13 +296,13 @@ def build_authenticators(config: AuthnConfig, *, trust_domain: str,
                 provider = provider.model_copy(update={"jwks_file": _resolve(provider.jwks_file, base_dir),
                                                        "jwks_ca_file": _resolve(provider.jwks_ca_file, base_dir)})
                 authenticators.append(OidcAuthenticator(provider, trust_domain=trust_domain, clock=clock.now,
-                                                        jwks_clock=clock.monotonic))
+                                                        jwks_clock=clock.monotonic, rejections=rejections))
         elif name == "tokenreview":
             if config.tokenreview:
                 authenticators.append(TokenReviewAuthenticator(
                     [_resolved_cluster(c, base_dir) for c in config.tokenreview], trust_domain=trust_domain,
                     cache_size=config.tokenreview_cache.size, cache_ttl=config.tokenreview_cache.ttl_seconds,
-                    clock=clock.now))
+                    clock=clock.now, rejections=rejections))
         elif name == "xfcc":
             if config.xfcc.trusted_cidrs:
                 authenticators.append(XfccAuthenticator(config.xfcc.trusted_cidrs,
@@ -289,7 +310,7 @@ def build_authenticators(config: AuthnConfig, *, trust_domain: str,
         else:
             plugin = plugins[name]
             authenticators.append(load_plugin(plugin.name, plugin.options, trust_domain))
-    return AuthenticatorChain(authenticators)
+    return AuthenticatorChain(authenticators, max_pending_per_peer=config.max_pending_per_peer)
 
 
 def build_node_authorizer(config: AuthnConfig, *, trust_domain: str,

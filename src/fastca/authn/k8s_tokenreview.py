@@ -4,7 +4,10 @@ istiod's KubeJWTAuthenticator, plus what it leaves out: the review's
 ``status.audiences`` must hold one of ours (a token the API server accepts
 for other audiences is not a token for the CA). Successful reviews are kept
 for a short, bounded time so a restart storm of agents does not become one
-of TokenReviews.
+of TokenReviews; so are the API server's refusals, for less time, so a
+caller retrying a bad token does not become one either. An API server that
+does not answer (timeout, transport error, HTTP error, no verdict) is
+``AuthenticatorUnavailable``: retried by agents, never cached.
 
 The token is a credential: it is hashed before it is used as a key and
 appears in no log, error or repr.
@@ -14,24 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 
 from fastca.authn._kube import KubernetesApi
+from fastca.authn._rejections import ExpiringLru, RejectionCache, token_key
 from fastca.authn.caller import PENDING, Caller, KubernetesInfo, RequestInfo
 from fastca.authn.config import TokenReviewCluster
 from fastca.authn.serviceaccount import (
     parse_service_account_username,
     service_account_spiffe_id,
 )
-from fastca.errors import AuthenticationFailed
+from fastca.errors import AuthenticationFailed, AuthenticatorUnavailable
 
 __all__ = ["TokenReviewAuthenticator", "TokenReviewCache", "token_expiry"]
 
@@ -62,53 +64,23 @@ def token_expiry(token: str) -> float | None:
 _MEMO_KEY = "tokenreview"
 
 
-class TokenReviewCache:
+class TokenReviewCache(ExpiringLru[Caller]):
     """A bounded LRU of successful reviews: key → (caller, wall-clock expiry)."""
 
-    def __init__(self, size: int, ttl: float, clock: Callable[[], float]) -> None:
-        self.size, self.ttl, self._clock = size, ttl, clock
-        self._entries: OrderedDict[bytes, tuple[Caller, float]] = OrderedDict()
-
-    @staticmethod
-    def key(cluster_id: str, token: str) -> bytes:
-        return hashlib.sha256(cluster_id.encode() + b"\0" + token.encode()).digest()
+    key = staticmethod(token_key)
 
     def get(self, key: bytes) -> Caller | None:
         entry = self.entry(key)
         return entry[0] if entry is not None else None
 
-    def entry(self, key: bytes) -> tuple[Caller, float] | None:
-        """(caller, wall-clock expiry) of a live review."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if self._clock() >= entry[1]:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry
-
     def live(self, expires: float) -> bool:
         return self._clock() < expires
 
     def put(self, key: bytes, caller: Caller, token_exp: float | None) -> None:
-        if self.size <= 0 or self.ttl <= 0:
-            return
         expires = self._clock() + self.ttl
         if token_exp is not None:
             expires = min(expires, token_exp)
-        if expires <= self._clock():
-            return
-        self._entries[key] = (caller, expires)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"TokenReviewCache(size={self.size}, ttl={self.ttl}, entries={len(self._entries)})"
+        self._store(key, caller, expires)
 
 
 class TokenReviewAuthenticator:
@@ -118,7 +90,8 @@ class TokenReviewAuthenticator:
     name = "tokenreview"
 
     def __init__(self, clusters: Sequence[TokenReviewCluster], *, trust_domain: str, cache_size: int = 10_000,
-                 cache_ttl: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+                 cache_ttl: float = 30.0, clock: Callable[[], float] = time.time,
+                 rejections: RejectionCache | None = None) -> None:
         if not clusters:
             raise ValueError("TokenReviewAuthenticator needs at least one cluster")
         self.trust_domain = trust_domain
@@ -127,6 +100,7 @@ class TokenReviewAuthenticator:
         self._default = clusters[0].cluster_id
         self._clock = clock
         self.cache = TokenReviewCache(cache_size, cache_ttl, clock)
+        self.rejections = rejections if rejections is not None else RejectionCache(10_000, 10.0)
         # Concurrent requests with one token share one review.
         self._inflight: dict[bytes, asyncio.Task[Caller]] = {}
 
@@ -152,8 +126,10 @@ class TokenReviewAuthenticator:
         cluster_id = cluster_header or self._default
         if cluster_id not in self._apis:
             raise AuthenticationFailed(f"unknown cluster {cluster_id!r}")
-        entry = self.cache.entry(TokenReviewCache.key(cluster_id, token))
+        key = TokenReviewCache.key(cluster_id, token)
+        entry = self.cache.entry(key)
         if entry is None:
+            self._check_not_rejected(key)
             return PENDING
         if memo is not None:
             memo[_MEMO_KEY] = (header, cluster_header, entry[0], entry[1])
@@ -172,6 +148,7 @@ class TokenReviewAuthenticator:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
+        self._check_not_rejected(key)
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._review_and_cache(api, token, key))
@@ -186,8 +163,19 @@ class TokenReviewAuthenticator:
         if not task.cancelled():
             task.exception()   # retrieved: every waiter may have gone
 
+    def _check_not_rejected(self, key: bytes) -> None:
+        if self.rejections.rejected(key):
+            raise AuthenticationFailed(f"token refused by the API server within the last "
+                                       f"{self.rejections.ttl:g} s (not reviewed again)")
+
     async def _review_and_cache(self, api: KubernetesApi, token: str, key: bytes) -> Caller:
-        caller = await self._review(api, token)
+        try:
+            caller = await self._review(api, token)
+        except AuthenticationFailed:
+            # The API server's verdict on this token (AuthenticatorUnavailable,
+            # no verdict at all, is not an AuthenticationFailed).
+            self.rejections.reject(key)
+            raise
         self.cache.put(key, caller, token_expiry(token))
         return caller
 
@@ -203,21 +191,25 @@ class TokenReviewAuthenticator:
                 client = await api.client()
                 response = await client.post(TOKENREVIEW_PATH, json=body, headers=api.headers())
         except (httpx.TimeoutException, TimeoutError):
-            raise AuthenticationFailed(f"TokenReview on {cluster.api_server} timed out") from None
+            raise AuthenticatorUnavailable(f"TokenReview on {cluster.api_server} timed out") from None
         except (httpx.HTTPError, OSError) as exc:
-            raise AuthenticationFailed(f"TokenReview on {cluster.api_server} failed: {type(exc).__name__}") from None
+            raise AuthenticatorUnavailable(
+                f"TokenReview on {cluster.api_server} failed: {type(exc).__name__}") from None
         if response.status_code not in (200, 201):
-            raise AuthenticationFailed(f"TokenReview on {cluster.api_server}: HTTP {response.status_code}")
+            # 401/403 are fastca's own credential, 5xx the API server: no verdict on the token.
+            raise AuthenticatorUnavailable(f"TokenReview on {cluster.api_server}: HTTP {response.status_code}")
         try:
             review = response.json()
         except ValueError:
-            raise AuthenticationFailed("TokenReview response is not JSON") from None
+            raise AuthenticatorUnavailable("TokenReview response is not JSON") from None
         return self._caller_from_review(review, cluster)
 
     def _caller_from_review(self, review: Any, cluster: TokenReviewCluster) -> Caller:
+        """The caller the review vouches for; AuthenticationFailed (a verdict,
+        remembered) when it vouches for none."""
         status = review.get("status") if isinstance(review, dict) else None
         if not isinstance(status, dict):
-            raise AuthenticationFailed("TokenReview response has no status")
+            raise AuthenticatorUnavailable("TokenReview response has no status")
         if status.get("authenticated") is not True:
             error = status.get("error")
             reason = f": {error[:200]}" if isinstance(error, str) and error else ""

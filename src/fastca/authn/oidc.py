@@ -4,6 +4,8 @@ What is accepted is decided here, not by the token: algorithms are pinned by
 configuration (so ``alg: none`` and an HMAC "signed" with the public key
 never reach a verifier), the issuer is compared exactly, the key must be the
 JWKS key the header's ``kid`` names, and no ``crit`` extension is understood.
+A token whose signature or claims were refused is remembered briefly (by
+hash) and refused again without being verified.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import Key, import_key
 from joserfc.jws import JWSRegistry, extract_compact
 
+from fastca.authn._rejections import RejectionCache, token_key
 from fastca.authn.caller import Caller, KubernetesInfo, RequestInfo
 from fastca.authn.config import OidcProvider
 from fastca.authn.serviceaccount import (
@@ -159,12 +162,14 @@ class OidcAuthenticator:
     name = "oidc"
 
     def __init__(self, provider: OidcProvider, *, trust_domain: str,
-                 clock: Callable[[], float] = time.time, jwks_clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, jwks_clock: Callable[[], float] = time.monotonic,
+                 rejections: RejectionCache | None = None) -> None:
         self.provider = provider
         self.trust_domain = trust_domain
         self._clock = clock
         self.jwks = JwksSource(provider, clock=jwks_clock)
         self._algorithms = list(provider.algorithms)
+        self.rejections = rejections if rejections is not None else RejectionCache(10_000, 10.0, jwks_clock)
         # Unknown header names are tolerated (issuers add their own); `crit`
         # is refused outright below.
         self._registry = JWSRegistry(algorithms=self._algorithms, strict_check_header=False)
@@ -195,9 +200,23 @@ class OidcAuthenticator:
         if kid is not None and not isinstance(kid, str):
             raise AuthenticationFailed("token kid is not a string")
 
+        rejection_key = token_key(f"oidc:{self.provider.issuer}", token)
+        if self.rejections.rejected(rejection_key):
+            raise AuthenticationFailed(f"token refused within the last {self.rejections.ttl:g} s (not verified again)")
+        # An unknown kid is not remembered: the JWKS may not have been fetched yet.
         key = await self.jwks.get(kid)
         if key is None:
-            raise AuthenticationFailed(f"token key {kid!r} is not in the issuer's JWKS")
+            shown = kid if kid is None or len(kid) <= 64 else kid[:64] + "…"
+            raise AuthenticationFailed(f"token key {shown!r} is not in the issuer's JWKS")
+        try:
+            return self._verified(token, key)
+        except AuthenticationFailed:
+            self.rejections.reject(rejection_key)
+            raise
+
+    def _verified(self, token: str, key: Key) -> Caller:
+        """The caller of a token checked against ``key``; AuthenticationFailed
+        (a verdict on the token) otherwise."""
         try:
             verified = jwt.decode(token, key, algorithms=self._algorithms, registry=self._registry)
         except JoseError as exc:

@@ -7,7 +7,10 @@ policy). The admitted elements go to their Authority in one submission, so
 they reach the native core together, are recorded in the audit log
 together, and cost the event loop one wake-up per batch rather than one per
 certificate. An element that fails carries its own status; the others are
-unaffected. A bulk call runs in a task of its own (it is rare and large).
+unaffected. Every element spends its identity's rate limit, as a call of
+its own would, and a call holds at most ``max_requests`` elements
+(``[server] max_bulk_requests``, 100 by default). A bulk call runs in a
+task of its own (it is rare and large).
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ __all__ = ["BULK_METHOD", "BULK_SERVICE", "MAX_BULK_REQUESTS", "CreateCertificat
 
 BULK_SERVICE = "fastca.v1.BulkCertificateService"
 BULK_METHOD = "CreateCertificates"
-MAX_BULK_REQUESTS = 1000
+MAX_BULK_REQUESTS = 100
 
 
 class CreateCertificates:
     streaming = False
 
-    def __init__(self, service: IssuanceService) -> None:
+    def __init__(self, service: IssuanceService, *, max_requests: int = MAX_BULK_REQUESTS) -> None:
         self._service = service
+        self.max_requests = max_requests
 
     def accepts(self, call: Call) -> bool:
         if self._service.authorities.default.full:
@@ -55,9 +59,9 @@ class CreateCertificates:
                 request = bulk_pb2.BulkCertificateRequest.FromString(call.message)
             except DecodeError:
                 raise InvalidRequest("the request is not a BulkCertificateRequest message") from None
-            if len(request.requests) > MAX_BULK_REQUESTS:
-                raise InvalidRequest(f"{len(request.requests)} requests in one call; at most "
-                                     f"{MAX_BULK_REQUESTS} are accepted")
+            if len(request.requests) > self.max_requests:
+                raise InvalidRequest(f"{len(request.requests)} requests in one bulk call; at most "
+                                     f"{self.max_requests} are accepted: split them into several calls")
             info = request_info(call)
             caller = await service.authenticators.authenticate(info)
             started = time.perf_counter()

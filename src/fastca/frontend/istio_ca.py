@@ -17,6 +17,7 @@ if it has not been, and never recorded.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from typing import Any
 
@@ -50,8 +51,9 @@ METHOD = "CreateCertificate"
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 CERT_SIGNER = "CertSigner"
 _MAX_METADATA_FIELDS = 16
+_MAX_METADATA_KEY_BYTES = 256
 _MAX_METADATA_VALUE_BYTES = 4096
-_MAX_KEY_SHOWN = 64
+_KNOWN_METADATA_KEYS = frozenset({IMPERSONATED_IDENTITY, CERT_SIGNER})
 
 # grpc.StatusCode names as google.rpc.Code numbers.
 STATUS_CODES = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
@@ -63,20 +65,35 @@ STATUS_NAMES = {number: name for name, number in STATUS_CODES.items()}
 log = get_logger("fastca.frontend")
 
 
+def _described(key: str) -> str:
+    """How a request's metadata key is named in a status or a log: the keys
+    fastca knows by name; any other only by its length and a short hash (it
+    is the caller's text, of any length and content)."""
+    if key in _KNOWN_METADATA_KEYS:
+        return repr(key)
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"of {len(key.encode('utf-8', 'surrogatepass'))} bytes (sha256 {digest}…)"
+
+
 def metadata_strings(struct: Any) -> dict[str, str]:
     """The Struct's string values. Agents send only strings; anything else
-    (nested structs, lists, numbers) is refused before any CSR parsing. A key
-    is never echoed whole: it is the caller's text, of any length."""
+    (nested structs, lists, numbers) is refused before any CSR parsing, as
+    are too many fields, keys above 256 bytes and values above 4 KiB. A key
+    fastca does not know is never echoed (see ``_described``)."""
     fields = struct.fields
     if len(fields) > _MAX_METADATA_FIELDS:
         raise InvalidRequest(f"metadata has {len(fields)} fields; at most {_MAX_METADATA_FIELDS} are accepted")
     out: dict[str, str] = {}
     for key, value in fields.items():
-        shown = key if len(key) <= _MAX_KEY_SHOWN else key[:_MAX_KEY_SHOWN] + "…"
+        if len(key) > _MAX_METADATA_KEY_BYTES or len(key.encode("utf-8", "surrogatepass")) > _MAX_METADATA_KEY_BYTES:
+            raise InvalidRequest(f"metadata key {_described(key)} is longer than the "
+                                 f"{_MAX_METADATA_KEY_BYTES} bytes accepted")
         if value.WhichOneof("kind") != "string_value":
-            raise InvalidRequest(f"metadata value {shown!r} must be a string")
-        if len(value.string_value) > _MAX_METADATA_VALUE_BYTES:
-            raise InvalidRequest(f"metadata value {shown!r} is too long")
+            raise InvalidRequest(f"metadata value of key {_described(key)} must be a string")
+        if len(value.string_value) > _MAX_METADATA_VALUE_BYTES \
+                or len(value.string_value.encode("utf-8", "surrogatepass")) > _MAX_METADATA_VALUE_BYTES:
+            raise InvalidRequest(f"metadata value of key {_described(key)} is longer than the "
+                                 f"{_MAX_METADATA_VALUE_BYTES} bytes accepted")
         out[key] = value.string_value
     return out
 
