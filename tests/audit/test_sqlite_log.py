@@ -22,8 +22,10 @@ from fastca.audit import (
     open_audit_log,
 )
 from fastca.audit.sqlite_log import SCHEMA_VERSION, _connect_writer
-from fastca.errors import CANotReady, ConfigurationError, Overloaded
+from fastca.errors import CANotReady, ConfigurationError
 from tests.audit._factory import T0, make_record
+from tests.audit._shared import (check_close_flushes_queued_records, check_group_commit,
+                                 check_queue_full_is_overloaded, check_round_trip)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,18 +36,8 @@ def db(tmp_path: Path) -> Path:
 
 
 def test_round_trip_and_reads(db: Path) -> None:
-    records = [make_record(i) for i in range(20)]
     with SqliteAuditLog(db) as log:
-        log.record_many_sync(records)
-        assert log.count() == 20
-        assert log.get(records[3].serial) == records[3]
-        assert log.get(records[3].serial.upper()) == records[3]
-        assert log.get("ff" * 16 if records[0].serial != "ff" * 16 else "1") is None
-        newest = log.list(limit=5)
-        assert newest == records[::-1][:5]
-        assert log.list(identity=records[4].identity) == [records[4]]
-        window = log.list(since=T0 + dt.timedelta(seconds=5), until=T0 + dt.timedelta(seconds=8))
-        assert [r.serial for r in window] == [records[i].serial for i in (7, 6, 5)]
+        check_round_trip(log)
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -79,34 +71,7 @@ def test_from_issued() -> None:
 
 
 def test_concurrent_records_are_group_committed(db: Path) -> None:
-    commits: list[int] = []
-    log = SqliteAuditLog(db, on_commit=lambda n, s: commits.append(n))
-    thread_records = [[make_record(100_000 + t * 1000 + i) for i in range(50)] for t in range(4)]
-    async_records = [make_record(i) for i in range(2000)]
-
-    def thread_work(records: list[IssuanceRecord]) -> None:
-        for record in records:
-            log.record_many_sync([record])
-
-    async def main() -> None:
-        await asyncio.gather(*(log.record(r) for r in async_records))
-
-    threads = [threading.Thread(target=thread_work, args=(recs,)) for recs in thread_records]
-    for thread in threads:
-        thread.start()
-    asyncio.run(main())
-    for thread in threads:
-        thread.join()
-    total = 2000 + 4 * 50
-    try:
-        assert log.count() == total == log.recorded == sum(commits)
-        expected = {r.serial for r in async_records} | {r.serial for recs in thread_records for r in recs}
-        assert {r.serial for r in log.list(limit=total + 10)} == expected
-        assert log.commits == len(commits)
-        assert log.commits <= total // 10, f"{log.commits} transactions for {total} records"
-        assert max(commits) <= log.max_batch
-    finally:
-        log.close()
+    check_group_commit(lambda **kw: SqliteAuditLog(db, **kw))
 
 
 def test_lone_record_pays_no_batch_delay(db: Path) -> None:
@@ -244,24 +209,7 @@ def test_queue_full_is_overloaded(db: Path) -> None:
 
     log = SqliteAuditLog(db, queue_limit=10, connect=lambda p: _Slow(_connect_writer(p)))
     try:
-        async def main() -> None:
-            first = asyncio.ensure_future(log.record(make_record(0)))   # taken by the stalled writer
-            for _ in range(500):
-                await asyncio.sleep(0.01)
-                if log.pending == 0:
-                    break
-            waiting = [asyncio.ensure_future(log.record(make_record(i))) for i in range(1, 11)]
-            await asyncio.sleep(0.05)
-            assert log.pending == 10
-            with pytest.raises(Overloaded):
-                await log.record(make_record(99))
-            with pytest.raises(Overloaded):
-                log.record_many_sync([make_record(98)])
-            gate.set()
-            await asyncio.gather(first, *waiting)
-
-        asyncio.run(main())
-        assert log.count() == 11
+        check_queue_full_is_overloaded(log, gate.set)
     finally:
         gate.set()
         log.close()
@@ -295,16 +243,7 @@ def test_close_flushes_and_is_idempotent(db: Path) -> None:
 
 
 def test_close_flushes_queued_async_records(db: Path) -> None:
-    async def main() -> int:
-        log = SqliteAuditLog(db)
-        tasks = [asyncio.ensure_future(log.record(make_record(i))) for i in range(300)]
-        await asyncio.sleep(0)          # all queued
-        await log.aclose()
-        await asyncio.gather(*tasks)
-        await log.aclose()
-        return log.count()
-
-    assert asyncio.run(main()) == 300
+    check_close_flushes_queued_records(lambda: SqliteAuditLog(db))
 
 
 def test_cancelled_waiter_does_not_break_the_writer(db: Path) -> None:

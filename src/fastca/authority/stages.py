@@ -42,7 +42,7 @@ log = get_logger("fastca.authority")
 
 
 class AuditSink(Protocol):
-    """What the record stage needs of an audit log (SqliteAuditLog)."""
+    """What the record stage needs of an audit log (SqliteAuditLog, PostgresAuditLog)."""
 
     def record_many_then(self, records: Sequence[IssuanceRecord],
                          on_done: Callable[[CANotReady | None], None]) -> None: ...

@@ -1,4 +1,5 @@
-"""`fastca audit list | show` — read the issuance audit log (read-only).
+"""`fastca audit list | show` — read the issuance audit log (read-only), in
+whichever backend the state's configuration names (SQLite file or PostgreSQL).
 
 Registered in cli/main.py with ``app.add_typer(audit_app, name="audit")``.
 """
@@ -10,18 +11,21 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
-from fastca.audit.config import DEFAULT_AUDIT_FILE
+from fastca.audit.config import AuditConfig, audit_path, open_audit_reader
 from fastca.audit.record import IssuanceRecord, normalize_serial
 from fastca.audit.sqlite_log import AuditReader
 from fastca.ca.state import CONFIG_FILE, default_state_dir
 from fastca.errors import ConfigurationError
 
-__all__ = ["audit_app", "resolve_audit_path", "parse_when"]
+if TYPE_CHECKING:
+    from fastca.audit.postgres_log import PostgresAuditReader
+
+__all__ = ["audit_app", "audit_config", "resolve_audit_path", "parse_when"]
 
 audit_app = typer.Typer(no_args_is_help=True, help="Read the issuance audit log.")
 _out = Console(emoji=False)
@@ -32,11 +36,13 @@ _DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def resolve_audit_path(state: Optional[Path]) -> Path:
-    """The audit database of a state directory: ``[audit] path`` in its
-    fastca.toml (relative to the directory) if set, else audit.db."""
+def audit_config(state: Optional[Path]) -> AuditConfig:
+    """The ``[audit]`` section of a state directory's fastca.toml (if it has
+    one), with ``FASTCA_AUDIT__*`` overrides, as ``fastca serve`` reads it.
+    Only that section is read: a problem elsewhere in the file is not this
+    command's."""
     state_dir = state if state is not None else default_state_dir()
-    name = DEFAULT_AUDIT_FILE
+    section: object = {}
     config_file = state_dir / CONFIG_FILE
     if config_file.exists():
         try:
@@ -44,10 +50,16 @@ def resolve_audit_path(state: Optional[Path]) -> Path:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigurationError(f"cannot read {config_file}: {exc}") from None
         section = data.get("audit", {})
-        if isinstance(section, dict) and isinstance(section.get("path"), str):
-            name = section["path"]
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else state_dir / path
+    from fastca.config import CAConfig
+
+    return CAConfig.from_mapping({"audit": section}, source=str(config_file)).audit
+
+
+def resolve_audit_path(state: Optional[Path]) -> Path:
+    """The SQLite audit database of a state directory: ``[audit] path`` in its
+    fastca.toml (relative to the directory) if set, else audit.db."""
+    state_dir = state if state is not None else default_state_dir()
+    return audit_path(audit_config(state), state_dir)
 
 
 def parse_when(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -64,11 +76,15 @@ def parse_when(text: str, now: dt.datetime | None = None) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
-def _open(state: Optional[Path]) -> AuditReader:
-    path = resolve_audit_path(state)
-    if not path.exists():
-        raise ConfigurationError(f"no audit log at {path} (nothing issued by a server with this state yet?)")
-    return AuditReader(path)
+def _open(state: Optional[Path]) -> AuditReader | PostgresAuditReader:
+    """The reader of the backend the state's configuration names."""
+    state_dir = state if state is not None else default_state_dir()
+    config = audit_config(state)
+    if config.database is None:
+        path = audit_path(config, state_dir)
+        if not path.exists():
+            raise ConfigurationError(f"no audit log at {path} (nothing issued by a server with this state yet?)")
+    return open_audit_reader(config, state_dir)
 
 
 def _short_time(value: dt.datetime) -> str:
@@ -124,7 +140,7 @@ def show(
     finally:
         reader.close()
     if record is None:
-        _err.print(f"no certificate with serial {wanted} in {reader.path}", highlight=False, markup=False)
+        _err.print(f"no certificate with serial {wanted} in {reader.where}", highlight=False, markup=False)
         raise typer.Exit(1)
     described = record.to_dict()
     if as_json:

@@ -264,7 +264,7 @@ def hsm_list(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except FastcaError as error:
         # The operator at this terminal may see the internal detail too; no
         # message in the tree carries a PIN or key.
@@ -281,3 +281,6 @@ def main() -> None:
             show()
             sys.exit(exit_code)
         raise
+    # Without standalone mode, click returns a command's typer.Exit code instead of exiting with it.
+    if isinstance(code, int) and code:
+        sys.exit(code)
