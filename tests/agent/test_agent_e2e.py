@@ -345,3 +345,42 @@ def test_ca_server_name_overrides_the_name_checked(tmp_path, apiserver):
             refused.stop()
     finally:
         server.stop()
+
+
+def test_a_fifo_file_root_does_not_stop_default_and_is_unhealthy(ca, tmp_path):
+    """Issue 13: a FIFO given as a `file-root:` path (with a writer that never
+    closes, so a plain read of it would block forever) is refused at once;
+    `default` keeps being served over SDS, and the metrics say the FIFO's
+    resource is unhealthy while `default` is healthy."""
+    fifo = tmp_path / "roots.fifo"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    name = f"file-root:{fifo}"
+    agent = _agent_for(ca, tmp_path, "--key-type", "ec-p256")
+    streams = []
+    try:
+        stuck = SotwStream(str(agent.socket), [name])
+        streams.append(stuck)
+        deadline = time.monotonic() + 20                    # the agent has the FIFO's request first
+        while not any(e.get("event") == "sds request" and e.get("resources") == [name] for e in agent.events()):
+            assert time.monotonic() < deadline, agent.log_file.read_text()
+            time.sleep(0.05)
+        default = SotwStream(str(agent.socket), ["default"])
+        streams.append(default)
+        leaf, _, key = _pair(default.receive(timeout=20).secrets["default"])
+        assert _public(leaf.public_key()) == _public(key.public_key())
+        assert any(e.get("event") == "sds secret unavailable" and e.get("resource") == name
+                   and "is a FIFO, not a regular file" in str(e.get("reason")) for e in agent.events())
+        assert stuck.nothing_within(0.2)                    # nothing is sent for what cannot be read
+        fifo_health = f'fastca_agent_cert_healthy{{resource_name="{name}"}}'
+        deadline = time.monotonic() + 10                    # the health check runs every 0.5 s
+        while fifo_health not in agent.metrics():
+            assert time.monotonic() < deadline, agent.metrics()
+            time.sleep(0.1)
+        assert agent.metric(fifo_health) == 0.0
+        assert agent.metric('fastca_agent_cert_healthy{resource_name="default"}') == 1.0
+    finally:
+        for stream in streams:
+            stream.close()
+        os.close(writer)                                    # would unblock a loop stuck reading it
+        assert agent.stop() == 0

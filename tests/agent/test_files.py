@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -179,7 +180,7 @@ def test_bogus_pem_is_refused_and_old_pair_kept(tmp_path):
             root_before = await source.get(ROOT_CERT)
             (tmp_path / "cert-chain.pem").write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
             (tmp_path / "root-cert.pem").write_text("garbage")
-            assert source.poll_once() == []
+            assert await source.poll_once() == []
             await asyncio.sleep(0.3)
             assert heard.names == []
             assert await source.get(WORKLOAD_CERT) == before
@@ -238,6 +239,183 @@ def test_file_resources_are_watched_until_released(tmp_path):
             assert heard.names == [cert_name]                            # released: not watched any more
         finally:
             await source.stop()
+
+    run(main())
+
+
+# -- what may be read, and how long it may take (issue 13) -----------------------------------------------------
+class _Fifo:
+    """A FIFO with a writer that never closes (until ``close``): a plain
+    ``open(...).read()`` of it blocks as long as the writer stays."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self.writer = os.open(path, os.O_RDWR | os.O_NONBLOCK)   # O_RDWR: opening does not wait for a reader
+
+    def close(self) -> None:
+        writer, self.writer = self.writer, -1
+        if writer >= 0:
+            os.close(writer)                                    # a read blocked on it now ends
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    held = _Fifo(tmp_path / "root.fifo")
+    try:
+        yield held
+    finally:
+        held.close()
+
+
+def _within(seconds: float, function, *args):
+    """``function(*args)`` on a thread; fails (instead of hanging) if it blocks."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(function, *args).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _refusal(path: Path) -> str:
+    def read() -> str:
+        with pytest.raises(SecretUnavailable) as error:
+            FileRoot(path).read("ROOTCA")
+        return str(error.value)
+    return _within(5, read)
+
+
+def test_a_fifo_is_refused_at_once(fifo):
+    assert _refusal(fifo.path) == f"the root certificate file {fifo.path} is a FIFO, not a regular file; refused"
+    name = f"file-cert:{fifo.path}~{fifo.path}"
+    with pytest.raises(SecretUnavailable, match="certificate chain file .* is a FIFO"):
+        _within(5, file_reader(name).read, name)
+
+
+@pytest.mark.parametrize("kind", ["directory", "device", "oversize", "oversize-sparse"])
+def test_what_is_not_a_small_regular_file_is_refused(tmp_path, kind):
+    if kind == "directory":
+        path, message = tmp_path, "is a directory, not a regular file; refused"
+    elif kind == "device":
+        path, message = Path("/dev/zero"), "is a character device, not a regular file; refused"
+    else:
+        path, message = tmp_path / "big.pem", "is larger than 1048576 bytes (1 MiB); refused"
+        with path.open("wb") as handle:
+            if kind == "oversize":
+                handle.write((ROOT.pem * (files_module.MAX_FILE_BYTES // len(ROOT.pem) + 1)).encode())
+            else:
+                handle.truncate(1 << 40)                    # a terabyte of nothing: never read
+    assert _refusal(path) == f"the root certificate file {path} {message}"
+
+
+def test_a_regular_file_up_to_the_bound_is_read(tmp_path):
+    bundle = ROOT.pem.encode()
+    padding = b"#" * (files_module.MAX_FILE_BYTES - len(bundle) - 1) + b"\n"   # text around PEM is allowed
+    (tmp_path / "roots.pem").write_bytes(padding + bundle)
+    assert len((tmp_path / "roots.pem").read_bytes()) == files_module.MAX_FILE_BYTES
+    link = tmp_path / "link.pem"
+    link.symlink_to("roots.pem")                            # through a symlink, as a kubelet mount is
+    assert FileRoot(link).read("ROOTCA").trusted_ca == padding + bundle
+
+
+class _NaiveReader:
+    """A reader that reads its file the way the agent used to (plain open and
+    read, no checks): on a FIFO it blocks as long as the writer stays."""
+
+    def __init__(self, path: Path) -> None:
+        self.paths = (path,)
+        self.calls = 0
+
+    def read(self, name: str):
+        from fastca.agent.secrets import SecretItem
+
+        self.calls += 1
+        with open(self.paths[0], "rb") as handle:
+            data = handle.read()
+        return SecretItem(name=name, version=hashlib.sha256(data).hexdigest(), trusted_ca=data)
+
+
+def test_a_stuck_read_times_out_off_the_loop_and_recovers(fifo, tmp_path):
+    name = f"file-root:{fifo.path}"
+    reader = _NaiveReader(fifo.path)
+    events = []
+
+    async def main():
+        files = files_module.FileSecrets(lambda n: reader if n == name else None, notify=events.append,
+                                         poll_interval=0.05, read_timeout=0.3,
+                                         on_event=lambda kind, n, **d: events.append((kind, n, d.get("stuck"))))
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beat = asyncio.create_task(ticker())
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(SecretUnavailable, match=r"has not finished after 0\.\d s \(timeout 0\.3 s\)"):
+                await files.get(name)
+            assert 0.25 <= loop.time() - started < 2
+            assert ticks >= 10                                 # the loop kept running meanwhile
+            assert "has not finished" in files.health()[name]
+            await asyncio.sleep(0.3)                           # several polls while it hangs
+            assert reader.calls == 1                           # never a second read while one hangs
+            assert events.count(("file_invalid", name, True)) == 1
+            # The resource's file becomes a good one, and the old one's writer goes away: the hung read
+            # ends (its late result is not used), the next poll reads the good file and tells the streams.
+            good = tmp_path / "root.pem"
+            good.write_text(ROOT.pem)
+            reader.paths = (good,)
+            fifo.close()
+            await wait_until(lambda: files.health().get(name) == "", 5)
+            await wait_until(lambda: not any(t.name == "fastca-agent-file-read" for t in threading.enumerate()), 5)
+            assert (await files.get(name)).trusted_ca == ROOT.pem.encode()
+            assert name in events
+        finally:
+            beat.cancel()
+            await files.stop()
+
+    run(main())
+
+
+def test_a_hung_resource_keeps_its_last_content_and_others_are_served(tmp_path):
+    (tmp_path / "ok.pem").write_text(ROOT.pem)
+    (tmp_path / "hung.pem").write_text(ROOT.pem)
+    gate = threading.Event()
+    gate.set()
+
+    class Hanging(FileRoot):
+        def read(self, name):
+            gate.wait()
+            return super().read(name)
+
+    hung, ok = f"file-root:{tmp_path / 'hung.pem'}", f"file-root:{tmp_path / 'ok.pem'}"
+    readers = {hung: Hanging(tmp_path / "hung.pem"), ok: FileRoot(tmp_path / "ok.pem")}
+
+    async def main():
+        files = files_module.FileSecrets(readers.get, notify=lambda n: None, poll_interval=0.05, read_timeout=0.2)
+        try:
+            before = await files.get(hung)
+            gate.clear()                                     # from now on its reads hang
+            (tmp_path / "hung.pem").write_text(ROOT.pem + "\n")
+            assert await files.get(hung) == before             # the last good content, after the timeout
+            assert "has not finished" in files.health()[hung]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert (await files.get(ok)).trusted_ca == ROOT.pem.encode()
+            assert loop.time() - started < 0.15                # not held up by the hung one
+            assert files.health()[ok] == ""
+            started = loop.time()
+            assert await files.poll_once() == []
+            assert loop.time() - started < 1                   # a poll waits at most one timeout
+        finally:
+            gate.set()
+            await files.stop()
 
     run(main())
 

@@ -663,6 +663,21 @@ def test_a_socket_path_too_long_is_a_configuration_error() -> None:
     run(body())
 
 
+def test_a_path_whose_staging_socket_would_be_too_long_fails_cleanly() -> None:
+    """The socket is bound first at ``<dir>/.sds-XXXXXXXX/s``; a final path that
+    fits but whose staging path does not is refused, and nothing is left behind."""
+    async def body() -> None:
+        with tempfile.TemporaryDirectory(prefix="sds") as directory:
+            parent = Path(directory).absolute()
+            parent = parent / ("d" * (100 - len(os.fsencode(parent)) - 1))    # a 100-byte directory
+            parent.mkdir()
+            path = parent / "socket"                                       # 107 bytes: fits
+            with pytest.raises(ConfigurationError, match="first bound at"):  # <parent>/.sds-XXXXXXXX/s: 116
+                await SdsServer(FakeSource(), socket_path=path).start()
+            assert os.listdir(parent) == []
+    run(body())
+
+
 # -- conversion ---------------------------------------------------------------------
 
 

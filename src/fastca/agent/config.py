@@ -80,6 +80,9 @@ class AgentConfig(BaseSettings):
     metrics_listen: str | None = Field("127.0.0.1:15020", validation_alias=_env("metrics_listen"))
     expiry_alert_seconds: float = Field(3600.0, ge=0, validation_alias=_env("expiry_alert_seconds"))
     health_check_interval_seconds: float = Field(30.0, gt=0, validation_alias=_env("health_check_interval_seconds"))
+    # How long one check-and-read of a file-* resource (or of the mounted
+    # directory's files) may take before the resource is marked unhealthy.
+    file_read_timeout_seconds: float = Field(5.0, gt=0, validation_alias=_env("file_read_timeout_seconds"))
 
     @field_validator("ttl_seconds", mode="before")
     @classmethod

@@ -7,7 +7,15 @@ another generation) keeps the last good pair, or raises ``SecretUnavailable``
 when there never was one. Changes are found by polling: each path is
 resolved (Kubernetes swaps a ``..data`` symlink) and (path, inode, mtime,
 ctime, size) of the target compared; a change is read, checked, and pushed to
-listeners only when it validates and its content differs."""
+listeners only when it validates and its content differs.
+
+Only regular files are read (a FIFO, a device or a directory is refused from
+the descriptor opened, so nothing can be swapped in between a check and the
+read), at most 1 MiB each. Every check and read runs on a thread of its own,
+never on the event loop, bounded by a timeout (5 s by default): a read that
+hangs (a stuck network mount) leaves the last good content served, marks that
+resource unhealthy (``health()``), and is never started twice while it hangs;
+every other resource keeps being served."""
 
 from __future__ import annotations
 
@@ -15,6 +23,9 @@ import asyncio
 import hashlib
 import os
 import secrets
+import stat
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +46,17 @@ from fastca.agent.secrets import (
 from fastca.keys import spki_der
 
 __all__ = ["FileCertificates", "FileRoot", "FileReader", "file_reader", "FileSecrets", "MountedDirectory",
-           "write_output", "fingerprint", "KEY_FILE", "CHAIN_FILE", "ROOT_FILE"]
+           "write_output", "fingerprint", "KEY_FILE", "CHAIN_FILE", "ROOT_FILE", "MAX_FILE_BYTES",
+           "DEFAULT_READ_TIMEOUT"]
 
 KEY_FILE, CHAIN_FILE, ROOT_FILE = "key.pem", "cert-chain.pem", "root-cert.pem"
-_MAX_FILE_BYTES = 1 << 20
+MAX_FILE_BYTES = 1 << 20             # 1 MiB: a certificate bundle is a few KiB
+DEFAULT_READ_TIMEOUT = 5.0           # seconds for one check-and-read of a resource's files
+# O_NONBLOCK: opening a FIFO (or a device) does not wait for the other side;
+# it is then refused by fstat. It changes nothing for a regular file's reads.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 Fingerprint = tuple[Any, ...]
 
@@ -57,15 +75,41 @@ def fingerprint(paths: tuple[Path, ...]) -> Fingerprint:
     return tuple(out)
 
 
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _too_large(path: Path, what: str) -> SecretUnavailable:
+    return SecretUnavailable(f"the {what} file {path} is larger than {MAX_FILE_BYTES} bytes (1 MiB); refused")
+
+
 def _read_bytes(path: Path, what: str) -> bytes:
+    """The content of ``path``, a regular file of at most MAX_FILE_BYTES.
+    Blocking I/O: called off the event loop (``FileSecrets``)."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(_MAX_FILE_BYTES + 1)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as error:
         raise SecretUnavailable(f"cannot read the {what} file {path}: {error.strerror or error}") from None
-    if len(data) > _MAX_FILE_BYTES:
-        raise SecretUnavailable(f"the {what} file {path} is larger than {_MAX_FILE_BYTES} bytes")
-    return data
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretUnavailable(f"the {what} file {path} is {_kind(st.st_mode)}, not a regular file; refused")
+        if st.st_size > MAX_FILE_BYTES:
+            raise _too_large(path, what)
+        chunks, total = [], 0
+        while total <= MAX_FILE_BYTES:          # the file may grow while it is read
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as error:
+        raise SecretUnavailable(f"cannot read the {what} file {path}: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    if total > MAX_FILE_BYTES:
+        raise _too_large(path, what)
+    return b"".join(chunks)
 
 
 def _certificates(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
@@ -146,6 +190,55 @@ def file_reader(name: str) -> FileReader | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What one check of a resource's files found (computed on a thread)."""
+    fingerprint: Fingerprint
+    unchanged: bool = False            # same files as the last good read: nothing was read
+    item: SecretItem | None = None
+    error: str = ""
+
+
+def _check(reader: FileReader, name: str, known: Fingerprint | None) -> _Outcome:
+    """Fingerprint the files and read them unless they are ``known`` (blocking)."""
+    current = fingerprint(reader.paths)
+    if known is not None and current == known:
+        return _Outcome(current, unchanged=True)
+    try:
+        return _Outcome(current, item=reader.read(name))
+    except SecretUnavailable as error:
+        return _Outcome(current, error=str(error))
+
+
+def _on_own_thread(function: Callable[..., _Outcome], *args: Any) -> asyncio.Future[_Outcome]:
+    """Run ``function`` on a new daemon thread. Not the loop's executor: a
+    call that never returns must neither use up a shared pool (key generation
+    and output writes use it) nor keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_Outcome] = loop.create_future()
+
+    def settle(result: _Outcome | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)               # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as exc:                # noqa: BLE001  (handed to the loop)
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:                        # the loop is gone; nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="fastca-agent-file-read", daemon=True).start()
+    return future
+
+
 @dataclass
 class _Watched:
     reader: FileReader
@@ -153,17 +246,24 @@ class _Watched:
     item: SecretItem | None = None     # the last good content
     good: bool = False                 # the files at `fingerprint` validated
     error: str = ""                    # why the last read failed
+    check: asyncio.Future[_Outcome] | None = None   # the check in flight
+    check_started: float = 0.0         # time.monotonic() when it started
+    reported_stuck: bool = False       # the check in flight was reported as stuck
 
 
 class FileSecrets:
     """File-backed secrets: read on ``get``, then watched by polling until
-    released. ``resolve(name)`` gives the reader for a name (None: unknown)."""
+    released (also when the read failed: the name is notified once its files
+    validate). ``resolve(name)`` gives the reader for a name (None: unknown).
+    Reads run on their own threads, bounded by ``read_timeout`` seconds."""
 
     def __init__(self, resolve: Callable[[str], FileReader | None], *, notify: Callable[[str], None],
-                 poll_interval: float = 0.5, on_event: Callable[..., None] | None = None) -> None:
+                 poll_interval: float = 0.5, on_event: Callable[..., None] | None = None,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
         self._resolve = resolve
         self._notify = notify
         self.poll_interval = poll_interval
+        self.read_timeout = read_timeout
         self._on_event = on_event
         self._watched: dict[str, _Watched] = {}
         self._task: asyncio.Task[None] | None = None
@@ -171,27 +271,54 @@ class FileSecrets:
     def _event(self, kind: str, name: str, **details: Any) -> None:
         emit(self._on_event, kind, name, **details)
 
-    def _refresh(self, name: str, watched: _Watched, *, force: bool = False) -> bool:
+    async def _outcome(self, name: str, watched: _Watched, force: bool) -> _Outcome | None:
+        """The result of a check of ``watched``'s files: the one in flight,
+        or a new one; None when it has not finished within the timeout."""
+        check = watched.check
+        if check is None or check.done():
+            known = watched.fingerprint if watched.good and not force else None
+            check = watched.check = _on_own_thread(_check, watched.reader, name, known)
+            watched.check_started, watched.reported_stuck = time.monotonic(), False
+        remaining = watched.check_started + self.read_timeout - time.monotonic()
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(check), max(remaining, 0.0))
+        except TimeoutError:
+            return None
+        except Exception as error:      # a reader that raised something else: a failed read all the same
+            outcome = _Outcome(watched.fingerprint or (), error=f"{name}: reading the files failed: {error!r}")
+        if watched.check is check:
+            watched.check = None
+        return outcome
+
+    async def _refresh(self, name: str, watched: _Watched, *, force: bool = False) -> bool:
         """Re-read if the files changed (or the last read failed); True when
         the served content changed."""
-        current = fingerprint(watched.reader.paths)
-        if not force and watched.good and current == watched.fingerprint:
+        outcome = await self._outcome(name, watched, force)
+        if outcome is None:
+            stuck_for = time.monotonic() - watched.check_started
+            watched.good = False
+            watched.error = (f"{name}: reading {', '.join(map(str, watched.reader.paths))} has not finished "
+                             f"after {stuck_for:.1f} s (timeout {self.read_timeout:g} s)")
+            if not watched.reported_stuck:
+                watched.reported_stuck = True
+                self._event("file_invalid", name, error=watched.error, stuck=True)
             return False
-        changed_on_disk = current != watched.fingerprint
-        watched.fingerprint = current
-        try:
-            item = watched.reader.read(name)
-        except SecretUnavailable as error:
-            watched.good, watched.error = False, str(error)
-            if changed_on_disk:
-                self._event("file_invalid", name, error=str(error))
+        if outcome.unchanged:
             return False
-        watched.good = True
+        changed_on_disk = outcome.fingerprint != watched.fingerprint
+        watched.fingerprint = outcome.fingerprint
+        item = outcome.item
+        if item is None:
+            was_good, watched.good, watched.error = watched.good, False, outcome.error
+            if changed_on_disk or was_good:
+                self._event("file_invalid", name, error=outcome.error)
+            return False
+        watched.good, watched.error = True, ""
         if watched.item is not None and watched.item.version == item.version:
             return False
-        previous, watched.item = watched.item, item
+        watched.item = item
         self._event("file_loaded", name, version=item.version)
-        return previous is not None
+        return True
 
     async def get(self, name: str) -> SecretItem:
         watched = self._watched.get(name)
@@ -200,28 +327,36 @@ class FileSecrets:
             if reader is None:
                 raise SecretUnavailable(f"unknown resource {name!r}")
             watched = _Watched(reader)
-        if self._refresh(name, watched):
+        if await self._refresh(name, watched) and name in self._watched:
             self._notify(name)
-        if watched.item is None:
-            # Nothing good was ever read: report why, and do not watch yet.
-            raise SecretUnavailable(watched.error or f"{name}: no valid certificate files")
-        self._watched[name] = watched
+        self._watched[name] = watched       # watched until released, also while it fails
         self._ensure_polling()
+        if watched.item is None:
+            raise SecretUnavailable(watched.error or f"{name}: no valid certificate files")
         return watched.item
 
     def release(self, name: str) -> None:
         self._watched.pop(name, None)
 
-    def poll_once(self) -> list[str]:
-        """Check every watched resource once; the names whose content changed
-        (their listeners were notified)."""
+    def health(self) -> dict[str, str]:
+        """Every watched resource: "" when its last read validated, else why
+        not (it may still be serving older content)."""
+        return {name: "" if watched.good else (watched.error or f"{name}: not read yet")
+                for name, watched in self._watched.items()}
+
+    async def poll_once(self) -> list[str]:
+        """Check every watched resource once, all at the same time; the names
+        whose content changed (their listeners were notified)."""
+        watched = list(self._watched.items())
+        results = await asyncio.gather(*(self._refresh(name, w) for name, w in watched), return_exceptions=True)
         changed = []
-        for name, watched in list(self._watched.items()):
-            try:
-                if self._refresh(name, watched):
-                    changed.append(name)
-            except Exception as error:      # never let one resource stop the watch
-                self._event("file_watch_error", name, error=repr(error))
+        for (name, _), result in zip(watched, results):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):      # never let one resource stop the watch
+                self._event("file_watch_error", name, error=repr(result))
+            elif result:
+                changed.append(name)
         for name in changed:
             if name in self._watched:
                 self._notify(name)
@@ -234,7 +369,7 @@ class FileSecrets:
     async def _poll_loop(self) -> None:
         while self._watched:
             await asyncio.sleep(self.poll_interval)
-            self.poll_once()
+            await self.poll_once()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -273,11 +408,11 @@ class MountedDirectory:
     requested name is watched (polling) until released."""
 
     def __init__(self, directory: Path | str, *, poll_interval: float = 0.5,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None, read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
         self.directory = Path(directory)
         self._listeners = _Listeners(on_event)
         self._files = FileSecrets(self._reader, notify=self._listeners.notify, poll_interval=poll_interval,
-                                  on_event=on_event)
+                                  on_event=on_event, read_timeout=read_timeout)
 
     def _reader(self, name: str) -> FileReader | None:
         if name == WORKLOAD_CERT:
@@ -295,8 +430,12 @@ class MountedDirectory:
     def release(self, name: str) -> None:
         self._files.release(name)
 
-    def poll_once(self) -> list[str]:
-        return self._files.poll_once()
+    async def poll_once(self) -> list[str]:
+        return await self._files.poll_once()
+
+    def file_health(self) -> dict[str, str]:
+        """Per watched resource, "" or why its files did not validate."""
+        return self._files.health()
 
     async def start(self) -> None:
         """Nothing to start ahead of time: watching begins with the first get."""

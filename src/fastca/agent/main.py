@@ -34,18 +34,21 @@ class Agent:
         self._client: CAClient | None = None
         self.source: SecretManager | MountedDirectory
         if config.mounted_dir is not None:
-            self.source = MountedDirectory(config.mounted_dir, on_event=self._on_event)
+            self.source = MountedDirectory(config.mounted_dir, on_event=self._on_event,
+                                           read_timeout=config.file_read_timeout_seconds)
         else:
             self._client = self._ca_client()
             self.source = SecretManager(
                 self._client, spiffe_id=config.spiffe_id, key_type=config.key_type,
                 ttl_seconds=int(config.ttl_seconds), rotation_ratio=config.rotation_ratio,
                 jitter=config.rotation_jitter, backoff_max=config.backoff_max_seconds,
-                output_dir=config.output_dir, on_event=self._on_event)
+                output_dir=config.output_dir, on_event=self._on_event,
+                file_read_timeout=config.file_read_timeout_seconds)
         self.sds = SdsServer(self.source, socket_path=config.socket)
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics_port: int | None = None
         self._last_failure: dict[str, float] = {}
+        self._health_reported: set[str] = set()     # resource names with a cert_healthy series
 
     def _ca_client(self) -> CAClient:
         config = self.config
@@ -91,7 +94,9 @@ class Agent:
     async def check_health(self) -> dict[str, bool]:
         """The seed's certificate-health alert: a served certificate that is
         within the alert window of expiry, or whose last attempt to obtain or
-        rotate it failed, is unhealthy (metric 0 + a warning)."""
+        rotate it failed, is unhealthy (metric 0 + a warning). So is every
+        file-backed resource being served whose last read failed, was
+        refused or is stuck (it may still serve its last good content)."""
         self.metrics.sds_pushes(dict(self.sds.pushes))
         self.metrics.sds_nacks(self.sds.nacks)
         results: dict[str, bool] = {}
@@ -101,7 +106,6 @@ class Agent:
             except SecretUnavailable as exc:
                 results[name] = False
                 log.warning("certificate health alert", resource=name, reason=str(exc))
-                self.metrics.set_health(name, False)
                 continue
             not_after = x509.load_pem_x509_certificate(item.certificate_chain).not_valid_after_utc.timestamp()
             remaining = not_after - time.time()
@@ -110,8 +114,16 @@ class Agent:
             if not healthy:
                 log.warning("certificate health alert", resource=name, seconds_to_expiry=int(remaining),
                             rotation_failing=failing)
-            self.metrics.set_health(name, healthy)
             results[name] = healthy
+        for name, problem in self.source.file_health().items():
+            if problem:
+                log.warning("certificate health alert", resource=name, reason=problem)
+            results[name] = results.get(name, True) and not problem
+        for name, healthy in results.items():
+            self.metrics.set_health(name, healthy)
+        for name in self._health_reported - results.keys():
+            self.metrics.forget_health(name)         # released: no longer served
+        self._health_reported = set(results)
         return results
 
     async def _health_loop(self) -> None:

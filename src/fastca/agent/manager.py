@@ -15,7 +15,8 @@ background before it expires (docs/istio-contract.md, docs/reliability.md, cases
   ``default`` (and ``ROOTCA`` when the root bundle changed) to listeners, and on
   failure retries with capped exponential backoff (the client re-reads the
   token on every try).
-- ``file-cert:`` / ``file-root:`` names are served from files (``files.py``).
+- ``file-cert:`` / ``file-root:`` names are served from files (``files.py``: regular
+  files only, read off the event loop with a size bound and a timeout).
 
 ``on_event(kind, name, **details)`` kinds: ``csr_sent`` (key_type), ``issued`` (serial, not_after,
 refresh_at, root_changed), ``fetch_failed`` (error, code), ``response_invalid``
@@ -37,7 +38,7 @@ from typing import Any, Protocol
 from fastca.agent.events import emit
 from fastca.agent.caclient import CAClientError, CARequestFailed, InvalidCAResponse, validate_response
 from fastca.agent.csr import KEY_TYPES, agent_csr, new_key, private_key_pem
-from fastca.agent.files import FileSecrets, _Listeners, file_reader, write_output
+from fastca.agent.files import DEFAULT_READ_TIMEOUT, FileSecrets, _Listeners, file_reader, write_output
 from fastca.agent.rotation import Backoff, refresh_at
 from fastca.agent.secrets import (FILE_CERT_PREFIX, FILE_ROOT_PREFIX, ROOT_CERT, WORKLOAD_CERT, SecretItem,
                                   SecretUnavailable)
@@ -66,7 +67,8 @@ class SecretManager:
                  clock: Callable[[], float] = time.time, backoff_initial: float = 1.0, backoff_max: float = 60.0,
                  backoff_jitter: float = 0.1, output_dir: Path | str | None = None,
                  on_event: Callable[..., None] | None = None, impersonate: bool = False,
-                 file_poll_interval: float = 0.5, rng: random.Random | None = None) -> None:
+                 file_poll_interval: float = 0.5, file_read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 rng: random.Random | None = None) -> None:
         if key_type not in KEY_TYPES:
             raise ValueError(f"unknown key type {key_type!r} (expected one of {', '.join(KEY_TYPES)})")
         self._client = ca_client
@@ -83,7 +85,8 @@ class SecretManager:
         self._impersonate = impersonate
         self._listeners = _Listeners(on_event)
         self._files = FileSecrets(file_reader, notify=self._listeners.notify,
-                                  poll_interval=file_poll_interval, on_event=on_event)
+                                  poll_interval=file_poll_interval, on_event=on_event,
+                                  read_timeout=file_read_timeout)
         self._issued: _Issued | None = None
         self._inflight: asyncio.Task[_Issued] | None = None
         self._wanted: set[str] = set()
@@ -143,6 +146,10 @@ class SecretManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._files.stop()
+
+    def file_health(self) -> dict[str, str]:
+        """Per watched ``file-*`` resource, "" or why its files did not validate."""
+        return self._files.health()
 
     @property
     def not_after(self) -> float | None:

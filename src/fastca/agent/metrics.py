@@ -103,6 +103,13 @@ class AgentMetrics:
     def set_health(self, resource_name: str, healthy: bool) -> None:
         self._health.labels(resource_name).set(1 if healthy else 0)
 
+    def forget_health(self, resource_name: str) -> None:
+        """Stop exporting the health of a resource no longer served."""
+        try:
+            self._health.remove(resource_name)
+        except KeyError:
+            pass
+
     def start_http_server(self, host: str, port: int) -> int:
         server, _thread = _start_http_server(port, addr=host, registry=self.registry)
         self._server = server

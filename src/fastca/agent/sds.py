@@ -2,7 +2,7 @@
 on a Unix socket, serving what a ``SecretSource`` (the secret manager) produces.
 
     server = SdsServer(manager, socket_path="./var/run/secrets/workload-spiffe-uds/socket")
-    await server.start()          # socket 0600, parent directories 0700 when created
+    await server.start()          # socket 0600 from the start, parent directories 0700 when created
     ...
     await server.stop(grace=5)    # open streams end with OK, Envoy reconnects elsewhere
 
@@ -45,6 +45,7 @@ import asyncio
 import itertools
 import os
 import stat
+import tempfile
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -89,24 +90,39 @@ class SdsServer:
         self._streams: set[_Stream] = set()
         self._stream_ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
+        self._socket_id: tuple[int, int] | None = None   # (st_dev, st_ino) of the socket we put in place
 
     async def start(self) -> None:
+        """Listen on ``socket_path``. The socket is bound inside a fresh
+        private directory next to it, made 0600 there, and renamed into place
+        only once it is private and serving: no other user can connect at any
+        moment, whatever the umask and however open the directory is."""
         if self._server is not None:
             raise RuntimeError("SdsServer already started")
         path = self.socket_path.absolute()
         if len(os.fsencode(path)) > _MAX_UNIX_PATH:
             raise ConfigurationError(f"SDS socket path is longer than {_MAX_UNIX_PATH} bytes: {path}")
         _make_private_dirs(path.parent)
-        _remove_stale_socket(path)
-        server = grpc.aio.server()
-        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        try:
-            server.add_insecure_port(f"unix:{path}")
-        except RuntimeError as exc:
-            raise ConfigurationError(f"cannot listen on unix:{path}: {exc}") from exc
-        await server.start()
-        os.chmod(path, 0o600)
+        _check_socket_target(path)
+        _warn_if_others_can_write(path.parent)
+        with _StagingDirectory(path.parent) as staging:
+            server = grpc.aio.server()
+            sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Servicer(self), server)
+            try:
+                try:
+                    server.add_insecure_port(f"unix:{staging.socket_path}")
+                except RuntimeError as exc:
+                    raise ConfigurationError(f"cannot listen on unix:{staging.socket_path}: {exc}") from exc
+                staging.seal_socket()
+                await server.start()
+                replaced = _check_socket_target(path)
+                self._socket_id = staging.move_socket(path)
+            except BaseException:
+                await server.stop(None)
+                raise
         self._server = server
+        if replaced:
+            log.info("sds replaced stale socket", socket=str(path))
         log.info("sds listening", socket=str(path))
 
     async def stop(self, grace: float | None = None) -> None:
@@ -120,8 +136,9 @@ class SdsServer:
         await server.stop(grace)
         path = self.socket_path.absolute()
         try:
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
+            st = path.lstat()
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._socket_id:
+                path.unlink()                  # ours; a socket someone else put there is left alone
         except FileNotFoundError:
             pass
         log.info("sds stopped", socket=str(path))
@@ -450,12 +467,97 @@ def _make_private_dirs(directory: Path) -> None:
         os.chmod(candidate, 0o700)
 
 
-def _remove_stale_socket(path: Path) -> None:
+def _check_socket_target(path: Path) -> bool:
+    """Whether a (stale) socket is at ``path``, which the rename will
+    replace; anything else there is refused."""
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(mode):
         raise ConfigurationError(f"{path} exists and is not a socket; refusing to replace it")
-    path.unlink()
-    log.info("sds removed stale socket", socket=str(path))
+    return True
+
+
+def _warn_if_others_can_write(directory: Path) -> None:
+    """Nobody else can connect in any case; but in a directory other users
+    may write to without the sticky bit, they can remove or replace the socket."""
+    mode = directory.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        log.warning("sds socket directory is writable by other users: they can remove or replace the socket",
+                    directory=str(directory), mode=oct(stat.S_IMODE(mode)))
+
+
+class _StagingDirectory:
+    """A fresh directory next to the socket's final path, 0700 and ours,
+    held open by descriptor; every step after the bind goes through that
+    descriptor, so renaming or replacing the directory's name cannot make us
+    seal, or move into place, anything but the socket our bind created.
+
+    If the name was swapped before the bind landed, the socket is not in our
+    directory: ``seal_socket`` refuses before the server accepts anything.
+    Whatever happens, the directory is removed on exit."""
+
+    SOCKET_NAME = "s"                        # short: sun_path is small
+
+    def __init__(self, parent: Path) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=".sds-", dir=parent))   # mode 0700, whatever the umask
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            os.rmdir(self.path)
+            raise
+        st = os.fstat(self._fd)
+        os.fchmod(self._fd, 0o700)           # a umask can only have taken bits away; this puts them back
+        if st.st_uid != os.geteuid():
+            self.__exit__(None, None, None)
+            raise ConfigurationError(f"the staging directory {self.path} is not ours")
+        self.socket_path = self.path / self.SOCKET_NAME
+        if len(os.fsencode(self.socket_path)) > _MAX_UNIX_PATH:
+            self.__exit__(None, None, None)
+            raise ConfigurationError(f"SDS socket path is too long: the socket is first bound at "
+                                     f"{self.socket_path}, longer than {_MAX_UNIX_PATH} bytes")
+
+    def __enter__(self) -> _StagingDirectory:
+        return self
+
+    def seal_socket(self) -> None:
+        """Check our bind created the socket in our directory; make it 0600."""
+        try:
+            st = os.stat(self.SOCKET_NAME, dir_fd=self._fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is None or not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise ConfigurationError(f"the SDS socket was not created in {self.path} "
+                                     f"(the directory was replaced under the agent); not serving on it")
+        os.chmod(self.SOCKET_NAME, 0o600, dir_fd=self._fd)
+
+    def move_socket(self, target: Path) -> tuple[int, int]:
+        """Rename the socket to ``target`` (atomically replacing a stale
+        socket there); its (st_dev, st_ino)."""
+        st = os.stat(self.SOCKET_NAME, dir_fd=self._fd, follow_symlinks=False)
+        os.rename(self.SOCKET_NAME, target, src_dir_fd=self._fd)
+        return st.st_dev, st.st_ino
+
+    def __exit__(self, *exc_info: object) -> None:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        try:
+            try:
+                os.unlink(self.SOCKET_NAME, dir_fd=fd)      # still here when start() failed
+            except FileNotFoundError:
+                pass
+            ours = os.fstat(fd)
+            try:
+                named = os.stat(self.path, follow_symlinks=False)
+                if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
+                    os.rmdir(self.path)
+                else:
+                    log.warning("sds staging directory was renamed by someone else; left in place",
+                                directory=str(self.path))
+            except OSError as error:
+                log.warning("sds staging directory not removed", directory=str(self.path),
+                            error=error.strerror or repr(error))
+        finally:
+            os.close(fd)
