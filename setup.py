@@ -5,6 +5,24 @@ from setuptools import Extension, setup
 
 NATIVE_MODULES = ["errors", "der", "asn1", "pem", "san", "csr", "tbs", "leafcheck"]
 
+DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False}
+# Per module, decided by measurement (bench/RESULTS.md, "Fuzzing the parsers
+# (#13)"): Cython's bounds and negative-index checks where they cost nothing
+# measurable. They guard memoryview and list indexing only; the pointer
+# walks over untrusted bytes are guarded by the fuzz runs under
+# AddressSanitizer (bench/fuzz-build reads this table too).
+CHECKED = {"boundscheck": True, "wraparound": True}
+NATIVE_DIRECTIVES = {
+    "errors": CHECKED,
+    "der": CHECKED,
+    "asn1": CHECKED,
+    "pem": CHECKED,
+    "san": CHECKED,
+    "csr": CHECKED,
+    "tbs": CHECKED,
+    "leafcheck": CHECKED,
+}
+
 extensions = [
     Extension(
         f"fastca._native.{name}",
@@ -45,16 +63,20 @@ extensions.append(
     )
 )
 
+
+def native_directives(extension: Extension) -> dict:
+    name = extension.name.rpartition(".")[2]
+    if extension.name.startswith("fastca._native."):
+        return {**DIRECTIVES, **NATIVE_DIRECTIVES[name]}
+    return DIRECTIVES
+
+
 setup(
-    ext_modules=cythonize(
-        extensions,
-        language_level=3,
-        include_path=["src"],
-        compiler_directives={
-            "boundscheck": False,
-            "wraparound": False,
-            "cdivision": True,
-            "initializedcheck": False,
-        },
-    ),
+    ext_modules=[
+        module
+        for extension in extensions
+        for module in cythonize(
+            [extension], language_level=3, include_path=["src"], compiler_directives=native_directives(extension)
+        )
+    ],
 )

@@ -9,13 +9,27 @@ Targets:
         handlers (unary and streaming) and small limits. Any exception that
         escapes the core, or a call left in a state the core never reaches
         on its own, is a crash.
+  der   the strict DER reader (walk_der), with a DerWriter round trip.
+  pem   the CSR PEM unwrap and pem_encode, against reference codecs.
+  san   the SPIFFE ID / DNS name / IP SAN validators, against reference rules.
+  csr   the CSR parser and proof of possession, against pyca/cryptography.
+  tbs   the TBS assembler: fuzzed LeafSpecs through prepare_batch, signed,
+        assembled and read back by pyca/cryptography and check_issued_batch.
+  xfcc  the x-forwarded-client-cert parser and authenticator (pure Python).
 
-The harness is tests/frontend/h2_harness.py; the seed corpus and every
-crasher found are kept in tests/vectors/fuzz/<target>/, and the normal test
-suite replays them (tests/frontend/test_fuzz_corpus.py). The
-C parts (nghttp2, the Cython module) are not coverage-instrumented: atheris
-steers by the Python side's coverage and otherwise mutates blindly, so the
-run's worth is in its count of executions (bench/RESULTS.md).
+The harnesses are tests/frontend/h2_harness.py, tests/_native/fuzz_harness.py
+(the native-core targets; what each checks is said there) and
+tests/authn/xfcc_fuzz_harness.py; the seed corpus and every crasher found
+are kept in tests/vectors/fuzz/<target>/, and the normal test suite replays
+them (tests/frontend/test_fuzz_corpus.py, tests/_native/test_fuzz_corpus.py,
+tests/authn/test_xfcc_fuzz_corpus.py). `--seed-corpus` (re)writes the
+generated seeds of a target.
+
+bench/fuzz-build DIR TARGET builds the native modules (and _grpc) with
+coverage counters and AddressSanitizer into DIR and runs the target on that
+build under atheris' ASan+libFuzzer runtime, so libFuzzer also steers by
+the C code's coverage; `python -m bench fuzz TARGET` alone runs on the
+in-tree (uninstrumented) build. Counts and times: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["TARGETS", "corpus_dir", "h2_one_input", "main"]
+__all__ = ["TARGETS", "corpus_dir", "cython_options", "h2_one_input", "main", "native_modules"]
 
 REPO = Path(__file__).resolve().parents[1]
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -41,7 +55,54 @@ def h2_one_input(data: bytes) -> None:
     one_input(data)
 
 
-TARGETS: dict[str, Callable[[bytes], None]] = {"h2": h2_one_input}
+def native_target(name: str) -> Callable[[bytes], None]:
+    def one_input(data: bytes) -> None:
+        from tests._native.fuzz_harness import ONE_INPUT
+
+        ONE_INPUT[name](data)
+
+    one_input.__name__ = f"{name}_one_input"
+    return one_input
+
+
+def xfcc_one_input(data: bytes) -> None:
+    from tests.authn.xfcc_fuzz_harness import one_input
+
+    one_input(data)
+
+
+NATIVE_TARGETS = ("der", "pem", "san", "csr", "tbs")
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "h2": h2_one_input, **{name: native_target(name) for name in NATIVE_TARGETS}, "xfcc": xfcc_one_input}
+# What atheris instruments for Python coverage, per target.
+INSTRUMENTED = {"h2": "fastca.frontend.native", "xfcc": "fastca.authn.xfcc",
+                **{name: "tests._native.fuzz_harness" for name in NATIVE_TARGETS}}
+
+
+def _setup_table() -> dict[str, Any]:
+    """The module-level constants of setup.py, evaluated without running it."""
+    import ast
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    names: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id.isupper():
+            names[node.targets[0].id] = eval(compile(ast.Expression(node.value), "setup.py", "eval"),  # noqa: S307
+                                             {"__builtins__": {}}, names)
+    return names
+
+
+def native_modules() -> list[str]:
+    return list(_setup_table()["NATIVE_MODULES"])
+
+
+def cython_options(module: str) -> list[str]:
+    """The cython command line's -X options that give one _native module
+    the directives setup.py compiles it with (for bench/fuzz-build)."""
+    table = _setup_table()
+    directives = {**table["DIRECTIVES"], **table["NATIVE_DIRECTIVES"][module]}
+    return [f"-X{name}={value}" for name, value in directives.items()]
 
 
 def seed_h2(directory: Path) -> None:
@@ -84,15 +145,33 @@ def seed_h2(directory: Path) -> None:
 
 
 def _load_instrumented(directory: Path) -> None:
-    """Put the coverage- and ASan-instrumented build of the core where
-    ``fastca.frontend._grpc`` is imported from, before anything imports it."""
+    """Put the coverage- and ASan-instrumented builds where
+    ``fastca.frontend._grpc`` and ``fastca._native.*`` are imported from,
+    before anything imports them: the package fastca._native is made with
+    DIR first on its path, so its submodules (which cimport one another by
+    their package names) all load from DIR."""
     import importlib.util
 
-    built = next(directory.glob("_grpc*.so"))
-    spec = importlib.util.spec_from_file_location("fastca.frontend._grpc", built)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fastca.frontend._grpc"] = module
-    spec.loader.exec_module(module)
+    for built in directory.glob("_grpc*.so"):
+        spec = importlib.util.spec_from_file_location("fastca.frontend._grpc", built)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fastca.frontend._grpc"] = module
+        spec.loader.exec_module(module)
+    missing = [name for name in native_modules() if not any(directory.glob(f"{name}.*.so"))]
+    if missing:
+        raise SystemExit(f"{directory} lacks the instrumented {', '.join(missing)} (bench/fuzz-build DIR --build-only)")
+    import fastca
+
+    source = REPO / "src" / "fastca" / "_native"
+    assert "fastca._native" not in sys.modules, "fastca._native was imported before the instrumented build"
+    spec = importlib.util.spec_from_file_location("fastca._native", source / "__init__.py",
+                                                  submodule_search_locations=[str(directory), str(source)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["fastca._native"] = package
+    spec.loader.exec_module(package)
+    fastca._native = package
+    loaded = sys.modules["fastca._native.csr"].__file__
+    assert Path(loaded).absolute().parent == directory.absolute(), f"fastca._native.csr came from {loaded}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,14 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, help="working corpus directory [a copy of the seeds in /tmp]")
     parser.add_argument("--seed-corpus", action="store_true", help="(re)write the seed corpus and stop")
     parser.add_argument("--instrumented", type=Path,
-                        help="a directory with _grpc built for coverage and AddressSanitizer (bench/fuzz-build); "
-                             "run under LD_PRELOAD of clang's ASan runtime")
+                        help="a directory with _grpc and fastca._native built for coverage and AddressSanitizer "
+                             "(bench/fuzz-build, which runs this under LD_PRELOAD of atheris' ASan runtime)")
     args = parser.parse_args(ours)
     if args.instrumented is not None:
         _load_instrumented(args.instrumented)
     seeds = corpus_dir(args.target)
     if args.seed_corpus:
-        seed_h2(seeds)
+        from bench.fuzz_seeds import SEEDERS
+
+        {"h2": seed_h2, **SEEDERS}[args.target](seeds)
         return 0
     import shutil
     import tempfile
@@ -131,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         options.append(f"-max_total_time={args.seconds}")
     if args.runs:
         options.append(f"-runs={args.runs}")
-    with atheris.instrument_imports():
-        import fastca.frontend.native  # noqa: F401 - instrumented for coverage
+    import importlib
+
+    # Python coverage of the harness and the code under test only: instrumenting
+    # what they import (cryptography, the stdlib) would only slow each run.
+    with atheris.instrument_imports(include=[INSTRUMENTED[args.target]]):
+        importlib.import_module(INSTRUMENTED[args.target])
     target = TARGETS[args.target]
     atheris.Setup([sys.argv[0], *options, *theirs, str(work)], target)
     atheris.Fuzz()

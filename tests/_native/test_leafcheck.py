@@ -39,6 +39,17 @@ def test_what_the_writer_built_passes(ca, leaf_name):
     assert check_issued_batch(ca.profile(), [der], [leaf], [_csr(ca, leaf)]) == [None]
 
 
+@pytest.mark.parametrize("window", [(-631152001, NOW), (-62167219200, 253402300799), (NOW, 2524608000)],
+                         ids=["from-1949", "years-0000-9999", "to-2050"])
+def test_windows_outside_the_utctime_years_pass(ca, window):
+    """The writer encodes times outside 1950..2049 as GeneralizedTime (RFC
+    5280 4.1.2.5), before 1950 too; the reader takes them back (found by the
+    tbs fuzz target: notBefore in 1949 was refused)."""
+    leaf = spec(not_before=window[0], not_after=window[1])
+    der = issue(ca, [leaf])[0]
+    assert check_issued_batch(ca.profile(), [der], [leaf], [_csr(ca, leaf)]) == [None]
+
+
 @pytest.mark.parametrize("leaf_name", LEAVES)
 def test_pyca_twin_of_the_same_certificate_passes(ca, leaf_name):
     leaf = spec(leaf_name, dns_names=("web.default.svc",))

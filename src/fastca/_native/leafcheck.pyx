@@ -96,8 +96,9 @@ cdef int digits(const unsigned char* p, int count, int64_t* out) noexcept nogil:
 
 
 cdef int read_time(const DerTlv* tlv, int64_t* out) noexcept nogil:
-    """UTCTime YYMMDDHHMMSSZ before 2050, GeneralizedTime YYYYMMDDHHMMSSZ from
-    2050 (RFC 5280 4.1.2.5); anything else fails."""
+    """UTCTime YYMMDDHHMMSSZ for 1950 through 2049, GeneralizedTime
+    YYYYMMDDHHMMSSZ outside them (RFC 5280 4.1.2.5; what derbuf_time writes
+    for years 0000..9999); anything else fails."""
     cdef const unsigned char* p = tlv.content
     cdef int64_t year, month, day, hour, minute, second
     cdef int offset
@@ -107,7 +108,7 @@ cdef int read_time(const DerTlv* tlv, int64_t* out) noexcept nogil:
         year += 2000 if year < 50 else 1900
         offset = 2
     elif tlv.tag == 0x18 and tlv.content_size == 15:
-        if digits(p, 4, &year) < 0 or year < 2050:
+        if digits(p, 4, &year) < 0 or 1950 <= year < 2050:
             return -1
         offset = 4
     else:
