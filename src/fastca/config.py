@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from fastca.audit.config import AuditConfig
 from fastca.authn.config import AuthnConfig
 from fastca.errors import ConfigurationError
+from fastca.trust.config import TrustConfig
 
 __all__ = ["CONFIG_FILE", "CAConfig", "write_lifecycle", "resolve_path", "SignerConfig", "IssuanceConfig", "ServerConfig", "PolicyConfig", "RateLimitConfig",
            "TimeWindowRule", "SourceNetworkRule", "NamedSignerConfig"]
@@ -215,6 +216,7 @@ class CAConfig(BaseSettings):
     policy: PolicyConfig = PolicyConfig()
     audit: AuditConfig = AuditConfig()
     authn: AuthnConfig = AuthnConfig()
+    trust: TrustConfig = TrustConfig()
     signers: dict[str, NamedSignerConfig] = {}
 
     @classmethod

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastca.audit.config import open_audit_log
 from fastca.authn.chain import AuthenticatorChain
@@ -42,6 +42,9 @@ from fastca.frontend.serving_cert import ServingCertificate
 from fastca.observability.logging import get_logger
 from fastca.observability.metrics import Metrics
 from fastca.policy.request import RequestPolicy
+
+if TYPE_CHECKING:
+    from fastca.trust.kubernetes import KubernetesTrustPublisher
 
 __all__ = ["CAServer", "DEFAULT_SIGNER", "freeze_startup_heap", "serve"]
 
@@ -71,7 +74,8 @@ class _Admission:
 class CAServer:
     def __init__(self, config: CAConfig, *, authorities: Authorities, authenticators: AuthenticatorChain,
                  node_authorizer: NodeAuthorizer | None, audit: Any, metrics: Metrics,
-                 executor: ThreadPoolExecutor, clock: Clock = SYSTEM_CLOCK) -> None:
+                 executor: ThreadPoolExecutor, clock: Clock = SYSTEM_CLOCK,
+                 trust_publisher: KubernetesTrustPublisher | None = None) -> None:
         self._config = config
         self.authorities = authorities
         self._authenticators = authenticators
@@ -89,6 +93,8 @@ class CAServer:
         self.ports: dict[str, int] = {}
         self.serving: ServingCertificate | None = None
         self._unready: dict[str, str] = {}      # signer name -> why its last probe failed
+        # The root bundle as a ConfigMap in every namespace, under a Lease ([trust.kubernetes]).
+        self.trust_publisher = trust_publisher
 
     @classmethod
     def from_state(cls, state_dir: Path, config: CAConfig, clock: Clock = SYSTEM_CLOCK) -> CAServer:
@@ -132,8 +138,14 @@ class CAServer:
                 audit.close()
             executor.shutdown()
             raise
+        trust_publisher = None
+        if config.trust.kubernetes.enabled:     # kubernetes-asyncio is imported only when it is used
+            from fastca.trust.kubernetes import KubernetesTrustPublisher
+
+            trust_publisher = KubernetesTrustPublisher(config.trust.kubernetes, default_material.root_bundle_pem,
+                                                       base_dir=state_dir)
         return cls(config, authorities=authorities, authenticators=authenticators, node_authorizer=node_authorizer,
-                   audit=audit, metrics=metrics, executor=executor, clock=clock)
+                   audit=audit, metrics=metrics, executor=executor, clock=clock, trust_publisher=trust_publisher)
 
     # -- start -------------------------------------------------------------------
 
@@ -183,6 +195,8 @@ class CAServer:
         self._tasks.append(asyncio.create_task(self._probe_loop()))
         if self.serving is not None:
             self._tasks.append(asyncio.create_task(self._renewal_loop()))
+        if self.trust_publisher is not None:
+            await self.trust_publisher.start()
         log.info("serving", ports=self.ports, trust_domain=config.trust_domain, signers=self.authorities.names())
 
     def _routes(self, issuance: IssuanceService) -> dict[str, Any]:
@@ -287,6 +301,8 @@ class CAServer:
         grace = self._config.server.shutdown_grace_seconds if grace is None else grace
         for task in self._tasks:
             task.cancel()
+        if self.trust_publisher is not None:
+            await self.trust_publisher.stop()       # first: the Lease is released for the other replicas
         self.health.shutdown()
         self._admission.closing = True
         for listener in self._listeners:

@@ -40,12 +40,18 @@ log = get_logger("fastca.supervisor")
 
 def _worker_config(config: CAConfig, index: int) -> CAConfig:
     """Each worker has its own metrics endpoint (its own registry): the
-    configured port plus the worker's index (port 0 stays "any")."""
+    configured port plus the worker's index (port 0 stays "any"). Only
+    worker 0 runs the trust-bundle publisher."""
     metrics = config.server.metrics_listen
     if metrics:
         host, _, port = metrics.rpartition(":")
         metrics = f"{host}:{int(port) + index if int(port) else 0}"
-    return config.model_copy(update={"server": config.server.model_copy(update={"metrics_listen": metrics})})
+    update: dict[str, Any] = {"server": config.server.model_copy(update={"metrics_listen": metrics})}
+    if index and config.trust.kubernetes.enabled:
+        # One process per replica contends for the trust-bundle Lease: worker 0.
+        update["trust"] = config.trust.model_copy(
+            update={"kubernetes": config.trust.kubernetes.model_copy(update={"enabled": False})})
+    return config.model_copy(update=update)
 
 
 def _worker_main(state_dir: str, config_data: dict[str, Any], index: int, ready: Any) -> None:

@@ -1,0 +1,54 @@
+"""The manifests under deploy/ parse, configure a CA fastca accepts, and
+grant what the code asks the API server for."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from fastca.config import CAConfig
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+
+
+def _rules(kind: str) -> list[dict]:
+    return [rule for d in _documents("rbac.yaml") if d["kind"] == kind for rule in d["rules"]]
+
+
+def _allowed(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+def test_rbac_covers_what_fastca_calls():
+    cluster = _rules("ClusterRole")
+    assert _allowed(cluster, "authentication.k8s.io", "tokenreviews", "create")
+    for verb in ("get", "list", "watch"):
+        assert _allowed(cluster, "", "pods", verb)
+        assert _allowed(cluster, "", "namespaces", verb)
+    for verb in ("get", "list", "watch", "create", "update"):
+        assert _allowed(cluster, "", "configmaps", verb)
+    assert not _allowed(cluster, "coordination.k8s.io", "leases", "update")    # only in its namespace
+    lease = _rules("Role")
+    for verb in ("get", "create", "update"):
+        assert _allowed(lease, "coordination.k8s.io", "leases", verb)
+
+
+def test_the_deployment_runs_two_replicas_behind_the_service_and_a_pdb():
+    kinds = {d["kind"]: d for d in _documents("deployment.yaml")}
+    assert kinds["Deployment"]["spec"]["replicas"] == 2
+    assert kinds["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+    assert {p["port"] for p in kinds["Service"]["spec"]["ports"]} == {15012, 15014}
+    assert kinds["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == "fastca"
+
+
+def test_the_shipped_configuration_is_valid():
+    (config_map,) = _documents("config.yaml")
+    config = CAConfig.from_mapping(tomllib.loads(config_map["data"]["fastca.toml"]))
+    assert config.trust.kubernetes.enabled and config.audit.backend == "postgresql"
+    assert "p11-kit-client.so" in (config.signer.key_uri or "")
