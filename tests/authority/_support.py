@@ -31,17 +31,22 @@ def admission(trust_domain: str = "cluster.local", policy: PolicyConfig | None =
 
 class Issuing:
     """``issue`` / ``issue_many`` submit already-admitted requests (each with
-    its own IssuanceContext) and wait on a private event loop."""
+    its own IssuanceContext) and wait on a private event loop. One loop for
+    the Authority's whole life, as in the server: the batcher hands the end
+    of a batch back to the loop it ran on (``call_soon_threadsafe``), and a
+    loop per call (``asyncio.run``) could be closed before that hand-back
+    ran, leaving the batcher's thread counted busy and the next call hung."""
 
     def __init__(self, material: CAMaterial, signer, directory: Path, *, issuance: IssuanceConfig | None = None,
                  clock: Clock = SYSTEM_CLOCK, audit: SqliteAuditLog | None = None, **settings) -> None:
         self.audit = audit or SqliteAuditLog(directory / f"audit-{next(_databases)}.db")
         self.authority = Authority("default", material, signer, issuance=issuance or IssuanceConfig(),
                                    admission=admission(clock=clock), audit=self.audit, clock=clock, **settings)
+        self._loop = asyncio.new_event_loop()
 
     def issue_many(self, requests: list[IssueRequest]) -> list[Outcome]:
         admitted = [(request, context(i)) for i, request in enumerate(requests)]
-        return asyncio.run(self.authority.issue_many_admitted(admitted))
+        return self._loop.run_until_complete(self.authority.issue_many_admitted(admitted))
 
     def issue(self, request: IssueRequest) -> IssuedCertificate:
         outcome = self.issue_many([request])[0]
@@ -50,4 +55,5 @@ class Issuing:
         return outcome
 
     def close(self) -> None:
+        self._loop.close()
         self.audit.close()

@@ -53,6 +53,18 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 # -- the server and what it says ------------------------------------------------------
 
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    yield
+    while _started:
+        process = _started.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
 
 def _start(state: Path, *, env: dict[str, str] | None = None, until: str = "serving",
            timeout: float = 60.0) -> ServerProcess:
@@ -64,6 +76,7 @@ def _start(state: Path, *, env: dict[str, str] | None = None, until: str = "serv
         process = subprocess.Popen([sys.executable, "-m", "fastca", "serve", "--state", str(state), "--workers", "1",
                                     "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
                                    stdout=sink, stderr=subprocess.STDOUT, env=full_env)
+    _started.append(process)
     server = ServerProcess(state, process, log_file)
     _wait(lambda: process.poll() is not None or _event(server, until) is not None, timeout,
           lambda: f"no {until!r} from fastca serve:\n{log_file.read_text()}")
