@@ -397,3 +397,71 @@ def test_token_identity_follows_the_token(shared_ca, tmp_path):
         assert events.count("response_invalid") == 1
 
     run(main())
+
+
+# -- the root bundle between renewals -----------------------------------------------------------------------------
+class _PollingCA(LocalCA):
+    """A LocalCA that also answers ``trust_bundle`` (fastca's TrustBundleService)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bundle: str | None = None
+        self.bundle_fail: grpc.StatusCode | None = None
+        self.polls = 0
+
+    async def trust_bundle(self) -> str:
+        from fastca.agent.caclient import CARequestFailed
+
+        self.polls += 1
+        if self.bundle_fail is not None:
+            raise CARequestFailed(f"GetTrustBundle failed: {self.bundle_fail.name}", code=self.bundle_fail,
+                                  attempts=1)
+        return self.bundle if self.bundle is not None else self.root.pem
+
+
+def test_a_changed_bundle_is_polled_checked_and_pushed():
+    async def main():
+        ca = _PollingCA()
+        events = Events()
+        manager = SecretManager(ca, spiffe_id=WORKLOAD_ID, key_type="ec-p256", ttl_seconds=3600, on_event=events,
+                                root_poll_interval=0.05)
+        pushed: list[str] = []
+        manager.subscribe(pushed.append)
+        await manager.start()
+        try:
+            first = await manager.get(ROOT_CERT)
+            assert first.trusted_ca == ca.root.pem.encode()
+            peer = make_authority("peer-root")
+            ca.bundle = ca.root.pem + peer.pem                  # a peer's root added
+            await wait_until(lambda: ROOT_CERT in pushed, 5)
+            now = await manager.get(ROOT_CERT)
+            assert now.trusted_ca == (ca.root.pem + peer.pem).encode() and now.version != first.version
+            assert events.count("root_updated") == 1 and ca.calls == 1       # no new certificate for it
+            ca.bundle = peer.pem                                # would strand the leaf: discarded
+            await wait_until(lambda: events.count("root_poll_failed") >= 1, 5)
+            assert (await manager.get(ROOT_CERT)).trusted_ca == now.trusted_ca
+            ca.bundle_fail = grpc.StatusCode.UNIMPLEMENTED      # istiod: asked no more
+            await wait_until(lambda: events.count("root_poll_unsupported") == 1, 5)
+            polls = ca.polls
+            await asyncio.sleep(0.3)
+            assert ca.polls == polls
+        finally:
+            await manager.stop()
+
+    run(main())
+
+
+def test_no_poll_while_rootca_is_not_wanted():
+    async def main():
+        ca = _PollingCA()
+        manager = SecretManager(ca, spiffe_id=WORKLOAD_ID, key_type="ec-p256", ttl_seconds=3600,
+                                root_poll_interval=0.05)
+        await manager.start()
+        try:
+            await manager.get(WORKLOAD_CERT)
+            await asyncio.sleep(0.3)
+            assert ca.polls == 0
+        finally:
+            await manager.stop()
+
+    run(main())

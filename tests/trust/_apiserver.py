@@ -217,6 +217,14 @@ class KubeStandIn:
             obj = self.objects["configmaps"].get((namespace, name))
             return copy.deepcopy(obj) if obj is not None else None
 
+    def put_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Create the ConfigMap, or set its data (a remote cluster's istiod)."""
+        with self._cond:
+            if (namespace, name) in self.objects["configmaps"]:
+                self.edit_configmap(namespace, name, data)
+            else:
+                self._new("configmaps", "ConfigMap", "v1", namespace, {"metadata": {"name": name}, "data": data})
+
     def edit_configmap(self, namespace: str, name: str, data: dict[str, str],
                        labels: dict[str, str] | None = None) -> None:
         with self._cond:

@@ -24,7 +24,7 @@ from google.protobuf import struct_pb2
 from fastca.agent.events import emit
 from fastca.chain.verify import ChainInvalid, verify_chain
 from fastca.keys import spki_der
-from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc
+from fastca.proto import istio_ca_pb2, istio_ca_pb2_grpc, trust_pb2, trust_pb2_grpc
 
 __all__ = ["CAClient", "CAClientError", "CARequestFailed", "InvalidCAResponse", "RETRYABLE_CODES",
            "validate_response", "EventCallback"]
@@ -197,6 +197,25 @@ class CAClient:
                 continue
             self._event("ca_call", code="OK", attempt=attempt, seconds=time.monotonic() - started)
             return list(response.cert_chain)
+
+    async def trust_bundle(self) -> str:
+        """The CA's root bundle now (fastca's ``TrustBundleService``), the
+        last element a CreateCertificate would return. One attempt (the
+        caller polls); raises ``CARequestFailed`` (``UNIMPLEMENTED`` from a
+        CA that is not fastca)."""
+        self._stub_for_call()
+        stub = trust_pb2_grpc.TrustBundleServiceStub(self._channel)
+        request = trust_pb2.TrustBundleRequest(cert_signer=self.cert_signer)
+        try:
+            # No token: the bundle is public, and a credential is never sent where none is asked for.
+            response = await stub.GetTrustBundle(request, timeout=self.timeout or 30.0)
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self._drop_channel()
+            raise CARequestFailed(f"GetTrustBundle failed: {code.name}: {error.details()}", code=code,
+                                  attempts=1) from None
+        return response.root_cert
 
     async def close(self) -> None:
         self._closed = True

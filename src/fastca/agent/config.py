@@ -83,6 +83,9 @@ class AgentConfig(BaseSettings):
     # How long one check-and-read of a file-* resource (or of the mounted
     # directory's files) may take before the resource is marked unhealthy.
     file_read_timeout_seconds: float = Field(5.0, gt=0, validation_alias=_env("file_read_timeout_seconds"))
+    # How often the root bundle is asked for between renewals (fastca's
+    # TrustBundleService; a CA without it is asked once). 0: only renewals bring it.
+    root_poll_seconds: float = Field(60.0, ge=0, validation_alias=_env("root_poll_seconds"))
 
     @field_validator("ttl_seconds", mode="before")
     @classmethod

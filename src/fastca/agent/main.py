@@ -43,7 +43,7 @@ class Agent:
                 ttl_seconds=int(config.ttl_seconds), rotation_ratio=config.rotation_ratio,
                 jitter=config.rotation_jitter, backoff_max=config.backoff_max_seconds,
                 output_dir=config.output_dir, on_event=self._on_event,
-                file_read_timeout=config.file_read_timeout_seconds)
+                file_read_timeout=config.file_read_timeout_seconds, root_poll_interval=config.root_poll_seconds)
         self.sds = SdsServer(self.source, socket_path=config.socket)
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics_port: int | None = None
@@ -78,7 +78,8 @@ class Agent:
             self.metrics.csr_failed(name)
             self._last_failure[name] = time.time()
         safe = {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool)) or v is None}
-        level = log.warning if kind in _FAILURES or kind.endswith("invalid") or kind.endswith("error") else log.info
+        level = (log.warning if kind in _FAILURES or kind == "root_poll_failed" or kind.endswith(("invalid", "error"))
+                 else log.info)
         level(kind.replace("_", " "), resource=name, **safe)
 
     async def start(self) -> None:

@@ -15,18 +15,25 @@ background before it expires (docs/istio-contract.md, docs/reliability.md, cases
   ``default`` (and ``ROOTCA`` when the root bundle changed) to listeners, and on
   failure retries with capped exponential backoff (the client re-reads the
   token on every try).
+- Between renewals, every ``root_poll_interval`` seconds while ``ROOTCA`` is
+  wanted, the CA is asked for its root bundle alone (``CAClient.trust_bundle``,
+  fastca's TrustBundleService): a changed bundle (a peer's roots added, a root
+  rotation) that still verifies the cached leaf replaces ``ROOTCA`` and is
+  pushed. A CA that does not implement it (istiod) is not asked again; then, as
+  with Istio's agent, the next renewal brings the bundle.
 - ``file-cert:`` / ``file-root:`` names are served from files (``files.py``: regular
   files only, read off the event loop with a size bound and a timeout).
 
 ``on_event(kind, name, **details)`` kinds: ``csr_sent`` (key_type), ``issued`` (serial, not_after,
 refresh_at, root_changed), ``fetch_failed`` (error, code), ``response_invalid``
-(error), ``rotation_failed`` (failures, retry_in, error), ``output_failed``
+(error), ``root_updated`` (version), ``root_poll_failed`` (error), ``root_poll_unsupported``, ``rotation_failed`` (failures, retry_in, error), ``output_failed``
 (error), ``listener_error``, and the file kinds of ``files.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 import time
@@ -59,6 +66,12 @@ class _Issued:
     not_after: float
     received: float
     refresh_at: float
+    elements: tuple[str, ...] = ()      # the response's leaf and intermediates, as received
+    key: Any = None
+
+
+def _root_item(root_bytes: bytes) -> SecretItem:
+    return SecretItem(name=ROOT_CERT, version=hashlib.sha256(root_bytes).hexdigest()[:32], trusted_ca=root_bytes)
 
 
 class SecretManager:
@@ -68,7 +81,7 @@ class SecretManager:
                  backoff_jitter: float = 0.1, output_dir: Path | str | None = None,
                  on_event: Callable[..., None] | None = None, impersonate: bool = False,
                  file_poll_interval: float = 0.5, file_read_timeout: float = DEFAULT_READ_TIMEOUT,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, root_poll_interval: float = 0.0) -> None:
         if key_type not in KEY_TYPES:
             raise ValueError(f"unknown key type {key_type!r} (expected one of {', '.join(KEY_TYPES)})")
         self._client = ca_client
@@ -92,6 +105,8 @@ class SecretManager:
         self._wanted: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._rotation: asyncio.Task[None] | None = None
+        self.root_poll_interval = root_poll_interval
+        self._root_poll: asyncio.Task[None] | None = None
         self.rotation_failures = 0          # consecutive failed renewals (0 after a success)
         self.csr_count = 0                  # CSRs sent (each one a new key)
 
@@ -138,10 +153,13 @@ class SecretManager:
             self._wake = asyncio.Event()
             self._rotation = asyncio.get_running_loop().create_task(self._rotate_loop(),
                                                                     name="fastca-agent-rotation")
+        if self.root_poll_interval > 0 and hasattr(self._client, "trust_bundle") and self._root_poll is None:
+            self._root_poll = asyncio.get_running_loop().create_task(self._root_poll_loop(),
+                                                                     name="fastca-agent-root-poll")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._rotation, self._inflight) if t is not None and not t.done()]
-        self._rotation = None
+        tasks = [t for t in (self._rotation, self._inflight, self._root_poll) if t is not None and not t.done()]
+        self._rotation = self._root_poll = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -208,10 +226,9 @@ class SecretManager:
         issued = _Issued(
             workload=SecretItem(name=WORKLOAD_CERT, version=format(leaf.serial_number, "x"),
                                 certificate_chain=chain_pem, private_key=key_pem),
-            root=SecretItem(name=ROOT_CERT, version=hashlib.sha256(root_bytes).hexdigest()[:32],
-                            trusted_ca=root_bytes),
-            not_after=not_after, received=received,
-            refresh_at=refresh_at(received, not_after, self.rotation_ratio, self.jitter, self._rng))
+            root=_root_item(root_bytes), not_after=not_after, received=received,
+            refresh_at=refresh_at(received, not_after, self.rotation_ratio, self.jitter, self._rng),
+            elements=tuple(chain[:-1]), key=key)
         if self.output_dir is not None:
             try:
                 await asyncio.to_thread(write_output, self.output_dir, key_pem, chain_pem, root_bytes)
@@ -228,6 +245,51 @@ class SecretManager:
             if root_changed:
                 self._listeners.notify(ROOT_CERT)
         return issued
+
+    async def _root_poll_loop(self) -> None:
+        """Ask for the root bundle alone every ``root_poll_interval`` while
+        ROOTCA is wanted; push it when it changed and still verifies the leaf."""
+        while True:
+            await asyncio.sleep(self.root_poll_interval)
+            issued = self._issued
+            if issued is None or ROOT_CERT not in self._wanted:
+                continue
+            try:
+                bundle = await self._client.trust_bundle()      # type: ignore[attr-defined]
+            except asyncio.CancelledError:
+                raise
+            except CARequestFailed as error:
+                if error.code is not None and error.code.name == "UNIMPLEMENTED":
+                    self._event("root_poll_unsupported", ROOT_CERT)
+                    return
+                self._event("root_poll_failed", ROOT_CERT, error=str(error))
+                continue
+            except Exception as error:          # the loop must survive any client
+                self._event("root_poll_failed", ROOT_CERT, error=repr(error))
+                continue
+            await self._adopt_root(issued, bundle)
+
+    async def _adopt_root(self, issued: _Issued, bundle: str) -> None:
+        root_bytes = bundle.encode()
+        if root_bytes == issued.root.trusted_ca or self._issued is not issued:
+            return                              # unchanged, or a renewal brought a newer answer meanwhile
+        try:
+            validate_response([*issued.elements, bundle], issued.key, self.spiffe_id, now=self._clock())
+        except InvalidCAResponse as error:
+            self._event("root_poll_failed", ROOT_CERT, error=f"the CA's bundle was discarded: {error}")
+            return
+        updated = dataclasses.replace(issued, root=_root_item(root_bytes))
+        if self.output_dir is not None:
+            try:
+                await asyncio.to_thread(write_output, self.output_dir, issued.workload.private_key,
+                                        issued.workload.certificate_chain, root_bytes)
+            except OSError as error:
+                self._event("output_failed", ROOT_CERT, error=str(error))
+        if self._issued is not issued:
+            return
+        self._issued = updated
+        self._event("root_updated", ROOT_CERT, version=updated.root.version)
+        self._listeners.notify(ROOT_CERT)
 
     async def _rotate_loop(self) -> None:
         assert self._wake is not None

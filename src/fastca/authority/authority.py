@@ -82,6 +82,7 @@ class Authority:
                                         ca_spki, istio_key_usage=issuance.istio_key_usage)
         self.admission = admission
         self._record = Record(audit, clock, on_recorded)
+        self._profile_check = ProfileCheck(profile, istio_chain_tail(material.chain_pems, material.root_bundle_pem))
         # The stages every certificate goes through, in order.
         self.stages = (
             admission,
@@ -89,7 +90,7 @@ class Authority:
             NativePrepare(profile),
             Sign(signer, observe_sign),
             AssembleAndVerify(profile, signer.ecdsa_raw),
-            ProfileCheck(profile, istio_chain_tail(material.chain_pems, material.root_bundle_pem)),
+            self._profile_check,
             self._record,
         )
         self._batch_stages = self.stages[1:-1]
@@ -107,6 +108,17 @@ class Authority:
 
     def __repr__(self) -> str:
         return f"Authority({self.name!r}, {self.material.signing_cert.subject.rfc4514_string()!r}, {self._signer!r})"
+
+    @property
+    def root_bundle_pem(self) -> str:
+        """The last element of every response: the root bundle agents trust."""
+        return self._profile_check.chain_tail[-1]
+
+    def set_root_bundle(self, root_bundle_pem: str) -> None:
+        """Hand out another root bundle (own roots plus peers', a rotation)
+        from the next batch on: the tail is built here once and swapped in
+        one assignment, never recomputed per request."""
+        self._profile_check.chain_tail = istio_chain_tail(self.material.chain_pems, root_bundle_pem)
 
     @property
     def stage_names(self) -> tuple[str, ...]:

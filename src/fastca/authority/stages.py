@@ -199,12 +199,13 @@ class ProfileCheck:
 
     def __init__(self, profile: _native.IssuerProfile, chain_tail: tuple[str, ...]) -> None:
         self._profile = profile
-        self._chain_tail = chain_tail
+        self.chain_tail = chain_tail
 
     def run(self, works: list[Work]) -> None:
         going = _going(works)
         if not going:
             return
+        tail = self.chain_tail          # read once: one batch, one bundle, while it may be swapped
         verdicts = _native.check_issued_batch(self._profile, [work.der for work in going],
                                               [work.spec for work in going],
                                               [work.prepared.csr for work in going])  # type: ignore[union-attr]
@@ -212,13 +213,14 @@ class ProfileCheck:
             if verdict is not None:
                 work.fail(SigningFailed(f"post-issuance profile check failed: {verdict}"))
             else:
-                work.outcome = self._issued(work)
+                work.outcome = self._issued(work, tail)
 
-    def _issued(self, work: Work) -> IssuedCertificate:
+    @staticmethod
+    def _issued(work: Work, tail: tuple[str, ...]) -> IssuedCertificate:
         der, spec, csr = work.der, work.spec, work.prepared.csr  # type: ignore[union-attr]
         pem = _native.pem_encode(der)
         return IssuedCertificate(
-            der=der, pem=pem, chain=(pem, *self._chain_tail), serial=_serial_value(spec.serial),
+            der=der, pem=pem, chain=(pem, *tail), serial=_serial_value(spec.serial),
             not_before=_utc(spec.not_before), not_after=_utc(spec.not_after), identity=spec.spiffe_id,
             key_type=_key_type(csr), fingerprint_sha256=hashlib.sha256(der).hexdigest())
 

@@ -11,7 +11,8 @@ __all__ = ["istio_chain_tail"]
 
 
 def istio_chain_tail(intermediate_pems: Sequence[str], root_bundle_pem: str) -> tuple[str, ...]:
-    """The elements that follow every leaf; computed once per CA."""
+    """The elements that follow every leaf; computed once per CA and root
+    bundle (the Authority swaps it when the bundle changes)."""
     def terminated(pem: str) -> str:
         return pem if pem.endswith("\n") else pem + "\n"
 

@@ -39,12 +39,15 @@ from fastca.frontend.istio_ca import METHOD, SERVICE, STATUS_NAMES, CreateCertif
 from fastca.frontend.native import Endpoint, Listener, bind_socket, server_tls_context
 from fastca.frontend.reflection import REFLECTION_SERVICE, ServerReflection
 from fastca.frontend.serving_cert import ServingCertificate
+from fastca.frontend.trust_bundle import TRUST_BUNDLE_METHOD, TRUST_BUNDLE_SERVICE, GetTrustBundle
 from fastca.observability.logging import get_logger
 from fastca.observability.metrics import Metrics
 from fastca.policy.request import RequestPolicy
+from fastca.trust.bundle import TrustBundle
 
 if TYPE_CHECKING:
     from fastca.trust.kubernetes import KubernetesTrustPublisher
+    from fastca.trust.peers import PeerSync
 
 __all__ = ["CAServer", "DEFAULT_SIGNER", "freeze_startup_heap", "serve"]
 
@@ -75,7 +78,8 @@ class CAServer:
     def __init__(self, config: CAConfig, *, authorities: Authorities, authenticators: AuthenticatorChain,
                  node_authorizer: NodeAuthorizer | None, audit: Any, metrics: Metrics,
                  executor: ThreadPoolExecutor, clock: Clock = SYSTEM_CLOCK,
-                 trust_publisher: KubernetesTrustPublisher | None = None) -> None:
+                 trust_publisher: KubernetesTrustPublisher | None = None,
+                 peer_sync: PeerSync | None = None) -> None:
         self._config = config
         self.authorities = authorities
         self._authenticators = authenticators
@@ -95,6 +99,17 @@ class CAServer:
         self._unready: dict[str, str] = {}      # signer name -> why its last probe failed
         # The root bundle as a ConfigMap in every namespace, under a Lease ([trust.kubernetes]).
         self.trust_publisher = trust_publisher
+        # Each signer's live bundle (own roots + [trust.peers]): what its responses end with.
+        self.trust_bundles: dict[str, TrustBundle] = {}
+        for authority in authorities:
+            bundle = TrustBundle(authority.material.roots)
+            bundle.subscribe(authority.set_root_bundle)
+            bundle.subscribe(lambda pem, bundle=bundle, name=authority.name: self._bundle_changed(name, bundle))
+            self.trust_bundles[authority.name] = bundle
+            metrics.set_trust_bundle_size(authority.name, len(bundle.certificates))
+        if trust_publisher is not None:
+            self.trust_bundles[authorities.default.name].subscribe(trust_publisher.set_bundle)
+        self.peer_sync = peer_sync
 
     @classmethod
     def from_state(cls, state_dir: Path, config: CAConfig, clock: Clock = SYSTEM_CLOCK) -> CAServer:
@@ -111,6 +126,7 @@ class CAServer:
         loaded: list[Authority] = []
         audit = None
         node_authorizer = None
+        peer_sync = None
         try:
             audit = open_audit_log(config.audit, state_dir, on_commit=metrics.audit_committed)
             node_authorizer = build_node_authorizer(config.authn, trust_domain=config.trust_domain,
@@ -131,6 +147,10 @@ class CAServer:
                 config.authn, trust_domain=config.trust_domain, roots=list(default_material.roots),
                 intermediates=[default_material.signing_cert, *default_material.intermediates], base_dir=state_dir,
                 clock=clock)
+            if config.trust.peers.sources:
+                from fastca.trust.peers import PeerSync
+
+                peer_sync = PeerSync(config.trust.peers, state_dir, metrics=metrics, clock=clock.now)
         except BaseException:
             for authority in loaded:
                 authority.close()
@@ -145,7 +165,8 @@ class CAServer:
             trust_publisher = KubernetesTrustPublisher(config.trust.kubernetes, default_material.root_bundle_pem,
                                                        base_dir=state_dir)
         return cls(config, authorities=authorities, authenticators=authenticators, node_authorizer=node_authorizer,
-                   audit=audit, metrics=metrics, executor=executor, clock=clock, trust_publisher=trust_publisher)
+                   audit=audit, metrics=metrics, executor=executor, clock=clock, trust_publisher=trust_publisher,
+                   peer_sync=peer_sync)
 
     # -- start -------------------------------------------------------------------
 
@@ -174,6 +195,12 @@ class CAServer:
             await asyncio.sleep(_SIGNER_CHECK_INTERVAL_S)
         if self._node_authorizer is not None:
             await self._node_authorizer.start()
+        if self.peer_sync is not None:
+            # Before the ports open, so the first responses already carry the
+            # peers' roots (each fetch is bounded by its source's timeout).
+            self.peer_sync.on_change(self._peers_changed)
+            await self.peer_sync.sync_once()
+            self._tasks.append(asyncio.create_task(self.peer_sync.run(), name="trust-peer-sync"))
         loop = asyncio.get_running_loop()
         issuance = IssuanceService(authenticators=self._authenticators, authorities=self.authorities,
                                    metrics=self.metrics)
@@ -207,8 +234,9 @@ class CAServer:
                 issuance, max_requests=self._config.server.max_bulk_requests),
             f"/{HEALTH_SERVICE}/Check": HealthCheck(self.health),
             f"/{HEALTH_SERVICE}/Watch": HealthWatch(self.health),
+            f"/{TRUST_BUNDLE_SERVICE}/{TRUST_BUNDLE_METHOD}": GetTrustBundle(self.authorities),
             f"/{REFLECTION_SERVICE}/ServerReflectionInfo": ServerReflection(
-                [SERVICE, BULK_SERVICE, HEALTH_SERVICE, REFLECTION_SERVICE]),
+                [SERVICE, BULK_SERVICE, TRUST_BUNDLE_SERVICE, HEALTH_SERVICE, REFLECTION_SERVICE]),
         }
         return {path: _Bounded(handler, admission).named(path) for path, handler in handlers.items()}
 
@@ -244,6 +272,17 @@ class CAServer:
             handler.release(call)
             code = STATUS_NAMES.get(call.status_code, "CANCELLED")
             self.metrics.request_finished(handler.service, handler.method, code, time.monotonic() - call.started)
+
+    # -- the trust bundle ---------------------------------------------------------
+
+    def _peers_changed(self, peers: Any) -> None:
+        for bundle in self.trust_bundles.values():
+            bundle.set_peers(peers)
+
+    def _bundle_changed(self, signer: str, bundle: TrustBundle) -> None:
+        self.metrics.set_trust_bundle_size(signer, len(bundle.certificates))
+        log.info("trust bundle changed", signer=signer, version=bundle.version,
+                 certificates=len(bundle.certificates), peers=bundle.peer_names())
 
     # -- health and renewal ------------------------------------------------------
 
@@ -303,6 +342,8 @@ class CAServer:
             task.cancel()
         if self.trust_publisher is not None:
             await self.trust_publisher.stop()       # first: the Lease is released for the other replicas
+        if self.peer_sync is not None:
+            await self.peer_sync.close()
         self.health.shutdown()
         self._admission.closing = True
         for listener in self._listeners:

@@ -214,6 +214,23 @@ class Metrics:
         self._auth_failures = Counter("fastca_authentication_failures",
                                       "Requests whose credentials were rejected, by reason.", ["reason"],
                                       registry=inner)
+        # Labelled by configured peer names only ([trust.peers] sources): bounded.
+        self._peer_ok = Gauge("fastca_trust_peer_ok",
+                              "1 if a peer's last sync fetched a bundle that passed validation, else 0.", ["peer"],
+                              registry=inner)
+        self._peer_in_bundle = Gauge("fastca_trust_peer_in_bundle",
+                                     "1 while a peer's roots are in the trust bundle (its last good bundle, "
+                                     "within the grace period), else 0.", ["peer"], registry=inner)
+        self._peer_certificates = Gauge("fastca_trust_peer_certificates",
+                                        "Certificates of a peer in the trust bundle.", ["peer"], registry=inner)
+        self._peer_last_success = Gauge("fastca_trust_peer_last_success_timestamp_seconds",
+                                        "Unix time of a peer's last good sync (0: never).", ["peer"], registry=inner)
+        self._peer_refusals = Counter("fastca_trust_peer_refusals",
+                                      "Peer syncs that kept the last good bundle, by reason (fetch, too_large, "
+                                      "malformed, not_ca, expired, empty).", ["peer", "reason"], registry=inner)
+        self._bundle_certificates = Gauge("fastca_trust_bundle_certificates",
+                                          "Certificates in a signer's trust bundle (own roots and peers').",
+                                          ["signer"], registry=inner)
         self.registry.register(_WithoutCreated(inner))
         self.registry.register(_CallCollector(self))
         self.registry.register(_CitadelCollector(self))
@@ -289,6 +306,20 @@ class Metrics:
 
     def set_signer_ready(self, signer: str, ready: bool) -> None:
         self._signer_ready.labels(_label(signer)).set(1 if ready else 0)
+
+    def trust_peer(self, peer: str, *, ok: bool, in_bundle: bool, certificates: int,
+                   last_success: float | None) -> None:
+        label = _label(peer)
+        self._peer_ok.labels(label).set(1 if ok else 0)
+        self._peer_in_bundle.labels(label).set(1 if in_bundle else 0)
+        self._peer_certificates.labels(label).set(certificates)
+        self._peer_last_success.labels(label).set(last_success or 0)
+
+    def trust_peer_refused(self, peer: str, reason: str) -> None:
+        self._peer_refusals.labels(_label(peer), reason).inc()
+
+    def set_trust_bundle_size(self, signer: str, certificates: int) -> None:
+        self._bundle_certificates.labels(_label(signer)).set(certificates)
 
     def set_ca_expiry(self, signer: str, root_not_after: dt.datetime, chain_not_after: dt.datetime) -> None:
         """``root_not_after``: the earliest expiry in the root bundle;

@@ -17,22 +17,28 @@ from fastca.trust.config import KubernetesTrustConfig
 from fastca.trust.election import LeaderElector
 from fastca.trust.publisher import TrustBundlePublisher
 
-__all__ = ["KubernetesTrustPublisher", "api_client"]
+__all__ = ["KubernetesTrustPublisher", "api_client", "kubeconfig_client"]
 
 log = get_logger("fastca.trust")
+
+
+async def kubeconfig_client(kubeconfig: str, context: str | None, base_dir: Path, *,
+                            section: str) -> client.ApiClient:
+    """An ApiClient from a kubeconfig file (relative to ``base_dir``)."""
+    path = Path(kubeconfig)
+    path = path if path.is_absolute() else base_dir / path
+    try:
+        return await kube_config.new_client_from_config(config_file=str(path), context=context,
+                                                        persist_config=False)
+    except (kube_config.ConfigException, OSError, ValueError) as error:
+        raise ConfigurationError(f"{section} kubeconfig {path}: {error}") from None
 
 
 async def api_client(config: KubernetesTrustConfig, base_dir: Path) -> client.ApiClient:
     """An ApiClient from ``kubeconfig`` (relative to ``base_dir``) or, when
     none is named, from the pod's service account."""
     if config.kubeconfig is not None:
-        path = Path(config.kubeconfig)
-        path = path if path.is_absolute() else base_dir / path
-        try:
-            return await kube_config.new_client_from_config(config_file=str(path), context=config.context,
-                                                            persist_config=False)
-        except (kube_config.ConfigException, OSError, ValueError) as error:
-            raise ConfigurationError(f"[trust.kubernetes] kubeconfig {path}: {error}") from None
+        return await kubeconfig_client(config.kubeconfig, config.context, base_dir, section="[trust.kubernetes]")
     configuration = client.Configuration()
     try:
         kube_config.load_incluster_config(client_configuration=configuration)
