@@ -89,6 +89,21 @@ def _timed_loop(step: Callable[[], Any], seconds: float, start_at: float) -> flo
             return calls / (now - began)
 
 
+def _open_session(library: Any, pin: str, attempts: int = 5) -> Any:
+    """A logged-in session. SoftHSM's file store now and then fails one of
+    several processes opening the same token at the same moment
+    (GeneralError; see fastca.frontend.workers); the probe measures signing,
+    so a failed open is simply tried again."""
+    import pkcs11.exceptions
+
+    for attempt in range(1, attempts):
+        try:
+            return library.get_token(token_label=_TOKEN_LABEL).open(user_pin=pin)
+        except pkcs11.exceptions.GeneralError:
+            time.sleep(0.1 * attempt)
+    return library.get_token(token_label=_TOKEN_LABEL).open(user_pin=pin)
+
+
 def _softhsm_worker(token: ProbeToken, key_type: str, seconds: float, go: Callable[[], float]) -> float:
     os.environ["SOFTHSM2_CONF"] = token.conf
     import pkcs11
@@ -96,7 +111,7 @@ def _softhsm_worker(token: ProbeToken, key_type: str, seconds: float, go: Callab
 
     library = pkcs11.lib(token.module)
     pin = Path(token.pin_file).read_text().strip()
-    session = library.get_token(token_label=_TOKEN_LABEL).open(user_pin=pin)
+    session = _open_session(library, pin)
     try:
         key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=KEY_LABELS[key_type])
         if key_type == "ec-p256":
