@@ -87,9 +87,10 @@ class ServerProcess:
 
 
 def start_server(state: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 60.0,
-                 workers: int | None = 1) -> ServerProcess:
+                 workers: int | None = 1, until: str = "serving") -> ServerProcess:
     """``workers``: passed as --workers unless ``extra`` names it (one process
-    keeps the suite fast); None leaves the default (one per CPU)."""
+    keeps the suite fast); None leaves the default (one per CPU). Returns
+    once the log has an ``until`` event (its ports, or its metrics port)."""
     if workers is not None and "--workers" not in extra:
         extra = ("--workers", str(workers), *extra)
     log_file = state / f"server-{time.monotonic_ns()}.log"
@@ -104,14 +105,14 @@ def start_server(state: Path, *extra: str, env: dict[str, str] | None = None, ti
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for event in server.log_events():
-            if event.get("event") == "serving":
-                server.ports = event["ports"]
+            if event.get("event") == until:
+                server.ports = event.get("ports") or {"metrics": event["metrics_port"]}
                 return server
         if process.poll() is not None:
             raise AssertionError(f"fastca serve exited {process.returncode}:\n{log_file.read_text()}")
         time.sleep(0.05)
     process.kill()
-    raise AssertionError(f"fastca serve did not start:\n{log_file.read_text()}")
+    raise AssertionError(f"no {until!r} from fastca serve:\n{log_file.read_text()}")
 
 
 def write_config(state: Path, extra: dict[str, Any]) -> None:

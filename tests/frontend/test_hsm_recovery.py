@@ -31,6 +31,7 @@ import grpc
 import pytest
 import tomli_w
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,6 +40,7 @@ from tests.conftest import agent_csrs
 from tests.frontend.conftest import (
     ServerProcess,
     init_state,
+    start_server,
     service_account_token,
     tokenreview_config,
     write_config,
@@ -66,25 +68,10 @@ def _no_server_outlives_its_test():
             process.wait(timeout=10)
 
 
-def _start(state: Path, *, env: dict[str, str] | None = None, until: str = "serving",
-           timeout: float = 60.0) -> ServerProcess:
-    """`fastca serve` (one worker) until it logs ``until``."""
-    log_file = state / f"server-{time.monotonic_ns()}.log"
-    full_env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    full_env.update(env or {})
-    with log_file.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "fastca", "serve", "--state", str(state), "--workers", "1",
-                                    "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
-                                   stdout=sink, stderr=subprocess.STDOUT, env=full_env)
-    _started.append(process)
-    server = ServerProcess(state, process, log_file)
-    _wait(lambda: process.poll() is not None or _event(server, until) is not None, timeout,
-          lambda: f"no {until!r} from fastca serve:\n{log_file.read_text()}")
-    if process.poll() is not None:
-        raise AssertionError(f"fastca serve exited {process.returncode}:\n{log_file.read_text()}")
-    event = _event(server, until)
-    assert event is not None
-    server.ports = event.get("ports") or {"metrics": event["metrics_port"]}
+def _start(state: Path, *, env: dict[str, str] | None = None, until: str = "serving") -> ServerProcess:
+    """`fastca serve` (one worker) until it logs ``until``; killed after the test whatever happens."""
+    server = start_server(state, env=env, until=until)
+    _started.append(server.process)
     return server
 
 
@@ -135,7 +122,7 @@ def _signed_by(leaf_pem: str, key: ec.EllipticCurvePublicKey) -> bool:
     leaf = x509.load_pem_x509_certificate(leaf_pem.encode())
     try:
         key.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(leaf.signature_hash_algorithm))
-    except Exception:
+    except InvalidSignature:
         return False
     return True
 

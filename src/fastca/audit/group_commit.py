@@ -35,6 +35,7 @@ import contextlib
 import datetime as dt
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, Callable, Generic, Iterable, Protocol, TypeVar
 
@@ -84,7 +85,7 @@ def _resolve_futures(futures: list[asyncio.Future[None]], error: str | None) -> 
             future.set_exception(CANotReady(error))
 
 
-class GroupCommitLog(Generic[Conn]):
+class GroupCommitLog(ABC, Generic[Conn]):
     """The audit log the server writes. See the module docstring.
 
     ``on_commit(records, seconds)`` is called on the writer thread after each
@@ -129,18 +130,21 @@ class GroupCommitLog(Generic[Conn]):
 
     # -- what a backend supplies -------------------------------------------
 
+    @abstractmethod
     def _open(self) -> Conn:
         """A connection whose schema is current (connect, then migrate)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _row(self, record: IssuanceRecord) -> Any:
         """``record`` as the backend's insert takes it (runs on the writer thread, per record)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _write(self, conn: Conn, rows: list[Any]) -> None:
         """One transaction holding ``rows``; returns only after its COMMIT,
         raises (having rolled back) otherwise."""
-        raise NotImplementedError
+        ...
 
     def _lost(self, conn: Conn, error: BaseException) -> bool:
         """Whether ``error`` left ``conn`` unusable (drop it, connect again)."""
@@ -149,8 +153,9 @@ class GroupCommitLog(Generic[Conn]):
     def _close_connection(self, conn: Conn) -> None:
         conn.close()   # type: ignore[attr-defined]
 
+    @abstractmethod
     def _new_reader(self) -> AuditReading:
-        raise NotImplementedError
+        ...
 
     # -- writing ---------------------------------------------------------
 

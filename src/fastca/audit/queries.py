@@ -7,6 +7,7 @@ how it takes a time, how a row becomes a record, and runs the query.
 from __future__ import annotations
 
 import datetime as dt
+from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 from fastca.audit.record import IssuanceRecord, normalize_serial
@@ -22,18 +23,20 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
-class RecordQueries:
+class RecordQueries(ABC):
     table = "issuance"
     placeholder = "?"
 
+    @abstractmethod
     def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
-        raise NotImplementedError
+        ...
 
     def _time(self, value: dt.datetime) -> Any:
         return value
 
+    @abstractmethod
     def _record(self, row: Sequence[Any]) -> IssuanceRecord:
-        raise NotImplementedError
+        ...
 
     @property
     def _select(self) -> str:

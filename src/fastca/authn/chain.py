@@ -50,14 +50,13 @@ class AuthenticatorChain:
         be asked can answer at once (a client certificate, a cached
         TokenReview, XFCC); None when one of them must wait for I/O, and
         ``authenticate`` must be awaited instead. Raises as it does."""
-        outcome, _, reasons = self._run_now(request, 0, [])
+        outcome, _, reasons = self._run_now(request, 0, _Reasons())
         if outcome is PENDING:
             return None
         return self._verdict(outcome, reasons)
 
     async def authenticate(self, request: RequestInfo) -> Caller:
-        reasons: list[str] = []
-        outcome, index, reasons = self._run_now(request, 0, reasons)
+        outcome, index, reasons = self._run_now(request, 0, _Reasons())
         if outcome is not PENDING:
             return self._verdict(outcome, reasons)
         # Some authenticator has to go to the network: the caller's address
@@ -79,7 +78,7 @@ class AuthenticatorChain:
             else:
                 del self._pending[peer]
 
-    async def _slowly(self, request: RequestInfo, outcome: object, index: int, reasons: list[str]) -> Caller:
+    async def _slowly(self, request: RequestInfo, outcome: object, index: int, reasons: _Reasons) -> Caller:
         while True:
             if outcome is not PENDING:
                 return self._verdict(outcome, reasons)
@@ -88,7 +87,7 @@ class AuthenticatorChain:
             try:
                 caller = await authenticator.authenticate(request)
             except (AuthenticationFailed, AuthenticatorUnavailable) as exc:
-                reasons.append(_reason(authenticator.name, exc))
+                reasons.refused(authenticator.name, exc)
                 caller = None
             except Exception as exc:
                 log.exception("authenticator %s raised unexpectedly", authenticator.name)
@@ -101,7 +100,7 @@ class AuthenticatorChain:
             outcome, index, reasons = self._run_now(request, index + 1, reasons)
 
     def _run_now(self, request: RequestInfo, start: int,
-                 reasons: list[str]) -> tuple[Caller | object | None, int, list[str]]:
+                 reasons: _Reasons) -> tuple[Caller | object | None, int, _Reasons]:
         """Ask authenticators from ``start`` on without awaiting: (a caller,
         or None when all declined, or PENDING; the index reached; reasons)."""
         for index in range(start, len(self.authenticators)):
@@ -112,7 +111,7 @@ class AuthenticatorChain:
             try:
                 caller = now(request)
             except (AuthenticationFailed, AuthenticatorUnavailable) as exc:
-                reasons.append(_reason(authenticator.name, exc))
+                reasons.refused(authenticator.name, exc)
                 continue
             except Exception as exc:
                 # A bug or an outage in one authenticator is that
@@ -132,18 +131,18 @@ class AuthenticatorChain:
         return None, len(self.authenticators), reasons
 
     @staticmethod
-    def _accept(authenticator: Authenticator, caller: object, reasons: list[str]) -> Caller | None:
+    def _accept(authenticator: Authenticator, caller: object, reasons: _Reasons) -> Caller | None:
         if not isinstance(caller, Caller) or not caller.identities:
             reasons.append(f"{authenticator.name}: returned no identities")
             return None
         return caller
 
     @staticmethod
-    def _verdict(outcome: Caller | object | None, reasons: list[str]) -> Caller:
+    def _verdict(outcome: Caller | object | None, reasons: _Reasons) -> Caller:
         if isinstance(outcome, Caller):
             return outcome
         detail = "; ".join(reasons or ["no credentials"])
-        if any(reason.startswith(_UNAVAILABLE) for reason in reasons):
+        if reasons.unavailable:
             # One of them might have accepted the caller had it answered.
             raise AuthenticatorUnavailable(detail)
         raise AuthenticationFailed(detail)
@@ -162,11 +161,16 @@ class AuthenticatorChain:
         return f"AuthenticatorChain({list(self.names)})"
 
 
-_UNAVAILABLE = "unavailable "
+class _Reasons(list[str]):
+    """Why each authenticator declined, for the verdict's detail; and whether
+    one of them could not judge at all (its check went unanswered), which
+    makes the verdict UNAVAILABLE rather than UNAUTHENTICATED."""
 
+    unavailable = False
 
-def _reason(name: str, error: Exception) -> str:
-    """An authenticator's reason for the verdict's detail; an unanswered
-    check is marked so the verdict becomes UNAVAILABLE."""
-    prefix = _UNAVAILABLE if isinstance(error, AuthenticatorUnavailable) else ""
-    return f"{prefix}{name}: {error}"
+    def refused(self, name: str, error: Exception) -> None:
+        if isinstance(error, AuthenticatorUnavailable):
+            self.unavailable = True
+            self.append(f"unavailable {name}: {error}")
+        else:
+            self.append(f"{name}: {error}")

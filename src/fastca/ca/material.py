@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fastca.ca.state import CERT_CHAIN_FILE, ROOT_CERT_FILE, SIGNING_CERT_FILE
 from fastca.chain.verify import ChainInvalid, verify_chain
@@ -132,7 +132,8 @@ def load_ca_material(state_dir: Path, now: dt.datetime) -> CAMaterial:
     return validate_material(signing[0], chain, roots, now)
 
 
-def open_signer(signer: SignerConfig, state_dir: Path, *, expected_public_key: Any = None,
+def open_signer(signer: SignerConfig, state_dir: Path, *,
+                expected_public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | None = None,
                 start_unavailable: bool = False) -> Signer:
     """The configured signer. ``expected_public_key`` (the CA certificate's)
     is checked by a PKCS#11 signer each time it opens the token; with
