@@ -111,6 +111,9 @@ class ServerConfig(_Section):
     max_unauthenticated_calls: int = Field(256, ge=1)           # refused authentications, then the connection goes
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     workers: int = Field(0, ge=0, le=64)   # server processes sharing the port; 0: one per CPU
+    # How often each server looks at its state directory for a CA rotation's
+    # next phase (fastca.ca.rotation allows a margin of a minute for it).
+    ca_watch_seconds: float = Field(5.0, gt=0, le=30)
 
     def worker_count(self) -> int:
         """``workers``, or the CPUs this process may run on."""

@@ -15,13 +15,12 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from tests.agent.conftest import free_port
 from tests.audit.postgres import PostgresServer, TestDatabase
 from tests.conftest import agent_csrs
 from tests.frontend.agent_client import AgentClient
-from tests.frontend.conftest import apiserver, init_state, service_account_token, start_server  # noqa: F401
+from tests.frontend.conftest import apiserver, init_state, service_account_token  # noqa: F401
 from tests.frontend.conftest import tokenreview_config, write_config
-from tests.frontend.test_hsm_recovery import P11KIT_CLIENT, P11KitServer, _set_module
+from tests.frontend.replicas import replicas_on_a_network_hsm
 
 AGENTS = 8
 CERTIFICATES_EACH = 40
@@ -56,16 +55,8 @@ def test_two_replicas_one_network_hsm_one_registry_survive_a_kill(tmp_path: Path
     write_config(state, {"authn": {"tokenreview": [tokenreview_config(apiserver, tmp_path / "api-token")]},
                          "policy": {"rate_limit": {"per_identity_per_second": 0}},
                          "audit": {"database": pg_database.url, "password_file": str(pg_database.password_file)}})
-    hsm = P11KitServer(state)
-    hsm.start()
-    _set_module(state, P11KIT_CLIENT)
-    env = {"P11_KIT_SERVER_ADDRESS": f"unix:path={hsm.socket}"}
-    port = free_port()
-    replicas = []
-    try:
-        replicas = [start_server(state, "--listen", f"127.0.0.1:{port}", env=env) for _ in range(2)]
-        assert {r.ports["grpc"] for r in replicas} == {port}
-        address = f"localhost:{port}"
+    with replicas_on_a_network_hsm(state) as shared:
+        replicas, address = shared.servers, shared.address
         stop = threading.Event()
         serials: list[int] = []
         failures: list[str] = []
@@ -90,12 +81,6 @@ def test_two_replicas_one_network_hsm_one_registry_survive_a_kill(tmp_path: Path
         assert replicas[1].process.poll() is None
         # The address really was shared: both replicas issued to agents.
         assert issued_by_killed > 0 and _issued_to_agents(replicas[1]) > 0
-    finally:
-        for replica in replicas:
-            if replica.process.poll() is None:
-                replica.stop()
-        if hsm.process is not None and hsm.process.poll() is None:
-            hsm.kill()
     returned = [f"{serial:x}" for serial in serials]
     counts = dict(postgres.query(pg_database.name, "SELECT serial, count(*) FROM fastca_issuance "
                                                    "WHERE serial = ANY(%s) GROUP BY serial", returned))

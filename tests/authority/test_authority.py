@@ -18,7 +18,7 @@ from fastca.ca.certificates import self_signed_root
 from fastca.ca.material import validate_material
 from fastca.clock import SYSTEM_CLOCK
 from fastca.config import IssuanceConfig
-from fastca.errors import AuthenticationFailed, CANotReady, InvalidRequest, Overloaded
+from fastca.errors import AuthenticationFailed, CANotReady, ConfigurationError, InvalidRequest, Overloaded
 from fastca.signing.software import SoftwareSigner
 from tests.authority._support import Issuing, admission, context
 from tests.conftest import agent_csrs
@@ -225,3 +225,51 @@ def test_a_signer_whose_key_is_not_the_certificates_is_refused(parts, audit):
     with pytest.raises(CANotReady, match="does not match the signing certificate"):
         Authority("default", material, other, issuance=IssuanceConfig(), admission=admission(), audit=audit,
                   clock=SYSTEM_CLOCK)
+
+
+def test_switch_ca_signs_with_the_new_key_from_the_next_batch_and_keeps_the_bundle(parts, audit, tmp_path):
+    """A rotation's activation: the stages are rebuilt for the new CA between
+    batches; the root bundle handed out (old + new roots) is kept."""
+    material, signer = parts
+    issuing = Issuing(material, signer, tmp_path, audit=audit)
+    authority = issuing.authority
+    new_signer = SoftwareSigner(ec.generate_private_key(ec.SECP256R1()))
+    now = dt.datetime.now(dt.timezone.utc)
+    new_root = self_signed_root(new_signer, "cluster.local", now=now, common_name="second")
+    new_material = validate_material(new_root, [], [new_root], now)
+    both = material.root_bundle_pem + new_material.root_bundle_pem
+    authority.set_root_bundle(both)
+    csr = agent_csrs()[0].pem
+    before = issuing.issue(IssueRequest(csr, ID, ttl_seconds=600))
+    assert x509.load_pem_x509_certificate(before.chain[0].encode()).issuer == material.signing_cert.subject
+
+    # A signer that does not match the certificate is refused; nothing changes.
+    with pytest.raises(CANotReady, match="does not match the signing certificate"):
+        authority.switch_ca(new_material, signer)
+    assert authority.material is material
+
+    authority.switch_ca(new_material, new_signer)
+    after = issuing.issue(IssueRequest(csr, ID, ttl_seconds=600))
+    leaf = x509.load_pem_x509_certificate(after.chain[0].encode())
+    assert leaf.issuer == new_root.subject
+    leaf.verify_directly_issued_by(new_root)
+    assert after.chain[-1] == both and authority.root_bundle_pem == both
+    authority.probe()                                  # the health probe signs with the new key too
+    issuing.close()
+    authority.close()
+
+
+def test_switch_ca_refuses_a_signer_on_another_thread(parts, audit):
+    authority = _authority(parts, audit)
+
+    class Elsewhere(SoftwareSigner):
+        @property
+        def home_executor(self):
+            return object()
+
+    other = Elsewhere(ec.generate_private_key(ec.SECP256R1()))
+    now = dt.datetime.now(dt.timezone.utc)
+    root = self_signed_root(other, "cluster.local", now=now)
+    with pytest.raises(ConfigurationError, match="another thread"):
+        authority.switch_ca(validate_material(root, [], [root], now), other)
+    authority.close()

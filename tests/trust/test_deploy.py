@@ -52,3 +52,24 @@ def test_the_shipped_configuration_is_valid():
     config = CAConfig.from_mapping(tomllib.loads(config_map["data"]["fastca.toml"]))
     assert config.trust.kubernetes.enabled and config.audit.backend == "postgresql"
     assert "p11-kit-client.so" in (config.signer.key_uri or "")
+
+
+def test_the_state_directory_is_mounted_so_a_rotation_reaches_every_replica():
+    """Not copied at start (a copy would never see a rotation): the
+    configuration, the CA Secret and the optional rotation Secret, projected
+    read-only where `fastca serve --state` looks, the plan under rotation/."""
+    (deployment,) = [d for d in _documents("deployment.yaml") if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    (container,) = pod["containers"]
+    state = container["args"][container["args"].index("--state") + 1]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == state]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    sources = volume["projected"]["sources"]
+    assert {"configMap": {"name": "fastca-config"}} in sources
+    assert {"secret": {"name": "fastca-ca"}} in sources
+    (rotation,) = [s["secret"] for s in sources if s.get("secret", {}).get("name") == "fastca-rotation"]
+    assert rotation["optional"] is True
+    assert {item["path"] for item in rotation["items"]} == {
+        "rotation/plan.toml", "rotation/ca-cert.pem", "rotation/cert-chain.pem", "rotation/root-cert.pem"}

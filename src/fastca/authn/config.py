@@ -267,11 +267,11 @@ def _resolved_cluster(cluster: TokenReviewCluster, base_dir: Path | None) -> Tok
 
 def build_authenticators(config: AuthnConfig, *, trust_domain: str,
                          roots: Sequence[x509.Certificate] | Any,
-                         intermediates: Sequence[x509.Certificate] = (),
+                         intermediates: Sequence[x509.Certificate] | Any = (),
                          base_dir: Path | None = None, clock: Clock = SYSTEM_CLOCK) -> AuthenticatorChain:
     """The chain in ``config.order`` (plug-ins not named there appended).
-    ``roots`` is the list of mesh roots or a zero-argument callable returning
-    the current ones (so a root rotation needs no rebuild). Token expiry and
+    ``roots`` and ``intermediates`` are lists or zero-argument callables
+    returning the current ones (so a root rotation needs no rebuild). Token expiry and
     cache ages are judged by ``clock``."""
     from fastca.authn.chain import AuthenticatorChain
     from fastca.authn.k8s_tokenreview import TokenReviewAuthenticator

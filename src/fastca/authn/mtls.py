@@ -50,13 +50,13 @@ class MtlsAuthenticator:
 
     name = "mtls"
 
-    def __init__(self, roots: RootsSource, intermediates: Sequence[x509.Certificate] = ()) -> None:
+    def __init__(self, roots: RootsSource, intermediates: RootsSource = ()) -> None:
         # A callable lets the server hand over the current roots after a
         # rotation without rebuilding the chain.
         self._roots = roots
         # grpcio hands over only the peer's leaf, so the CA's own chain
         # (signing certificate and intermediates) completes the path.
-        self._intermediates = list(intermediates)
+        self._intermediates = intermediates
         self._store_for: tuple[x509.Certificate, ...] | None = None
         self._store: Store | None = None
 
@@ -129,7 +129,8 @@ class MtlsAuthenticator:
                                         ee_policy=ExtensionPolicy.permit_all())
                     .build_client_verifier())
         try:
-            verifier.verify(leaf, chain[1:] + self._intermediates)
+            intermediates = self._intermediates() if callable(self._intermediates) else self._intermediates
+            verifier.verify(leaf, chain[1:] + list(intermediates))
         except VerificationError as exc:
             raise AuthenticationFailed(f"peer certificate chain does not verify against the roots: {exc}") from None
         return Caller(identities=tuple(identities), credential_type="mtls")

@@ -43,7 +43,7 @@ from fastca.ca.material import CAMaterial
 from fastca.chain import istio_chain_tail
 from fastca.clock import Clock
 from fastca.config import IssuanceConfig
-from fastca.errors import CANotReady, FastcaError, InvalidRequest, Overloaded
+from fastca.errors import CANotReady, ConfigurationError, FastcaError, InvalidRequest, Overloaded
 from fastca.keys import require_key_matches
 from fastca.signing.base import Signer
 
@@ -73,27 +73,14 @@ class Authority:
                  on_recorded: Callable[[list[IssuanceRecord]], None] | None = None,
                  observe_sign: Callable[[float], None] | None = None,
                  observe_batch: Callable[[int, float], None] | None = None) -> None:
-        ca_spki = require_key_matches(signer.public_key, material.signing_cert)
         self.name = name
-        self.material = material
         self.clock = clock
-        self._signer = signer
-        profile = _native.IssuerProfile(material.subject_der, material.subject_key_id, signer.algorithm_identifier,
-                                        ca_spki, istio_key_usage=issuance.istio_key_usage)
         self.admission = admission
+        self._issuance = issuance
+        self._observe_sign = observe_sign
         self._record = Record(audit, clock, on_recorded)
-        self._profile_check = ProfileCheck(profile, istio_chain_tail(material.chain_pems, material.root_bundle_pem))
-        # The stages every certificate goes through, in order.
-        self.stages = (
-            admission,
-            ValidityWindow(material, issuance, clock),
-            NativePrepare(profile),
-            Sign(signer, observe_sign),
-            AssembleAndVerify(profile, signer.ecdsa_raw),
-            self._profile_check,
-            self._record,
-        )
-        self._batch_stages = self.stages[1:-1]
+        self._set_ca(material, signer, root_bundle_pem=material.root_bundle_pem)
+        self._retired_signers: list[Signer] = []
         home = signer.home_executor
         self._own_executor = None
         if home is None and executor is None:
@@ -108,6 +95,41 @@ class Authority:
 
     def __repr__(self) -> str:
         return f"Authority({self.name!r}, {self.material.signing_cert.subject.rfc4514_string()!r}, {self._signer!r})"
+
+    def _set_ca(self, material: CAMaterial, signer: Signer, *, root_bundle_pem: str) -> None:
+        """Build the stages for ``material`` and ``signer``; the tuple a batch
+        runs is assigned last, in one step, so a batch runs wholly on one CA."""
+        ca_spki = require_key_matches(signer.public_key, material.signing_cert)
+        profile = _native.IssuerProfile(material.subject_der, material.subject_key_id, signer.algorithm_identifier,
+                                        ca_spki, istio_key_usage=self._issuance.istio_key_usage)
+        profile_check = ProfileCheck(profile, istio_chain_tail(material.chain_pems, root_bundle_pem))
+        # The stages every certificate goes through, in order.
+        stages = (
+            self.admission,
+            ValidityWindow(material, self._issuance, self.clock),
+            NativePrepare(profile),
+            Sign(signer, self._observe_sign),
+            AssembleAndVerify(profile, signer.ecdsa_raw),
+            profile_check,
+            self._record,
+        )
+        self.material = material
+        self._signer = signer
+        self._profile_check = profile_check
+        self.stages = stages
+        self._batch_stages = stages[1:-1]
+
+    def switch_ca(self, material: CAMaterial, signer: Signer) -> None:
+        """Sign with another CA from the next batch on (a rotation's new key),
+        handing out the same root bundle. The signer must live where the
+        current one does (the batcher runs there). The old signer stays open
+        until ``close``: a batch may still be using it."""
+        if signer.home_executor is not self._signer.home_executor:
+            raise ConfigurationError("the new signer runs on another thread than the current one "
+                                     "(a rotation keeps the signer backend)")
+        previous = self._signer
+        self._set_ca(material, signer, root_bundle_pem=self.root_bundle_pem)
+        self._retired_signers.append(previous)
 
     @property
     def root_bundle_pem(self) -> str:
@@ -194,8 +216,9 @@ class Authority:
         """Sign a throwaway certificate now (SPIRE's health check: the HSM
         answers and the signature verifies); raise the reason if it cannot be.
         Its certificate is discarded here, so it is the one never recorded."""
-        work = Work(IssueRequest(self._probe_csr, self._probe_identity, ttl_seconds=_PROBE_TTL_S), None,
-                    record=False)
+        # Within max_ttl: a CA configured for very short certificates must still pass its probe.
+        ttl = min(_PROBE_TTL_S, self._issuance.max_ttl_seconds)
+        work = Work(IssueRequest(self._probe_csr, self._probe_identity, ttl_seconds=ttl), None, record=False)
         outcome = self._run_now(work)
         if isinstance(outcome, FastcaError):
             raise outcome
@@ -227,7 +250,8 @@ class Authority:
         if self._closed:
             return
         self._closed = True
-        self._signer.close()
+        for signer in (*self._retired_signers, self._signer):
+            signer.close()
         if self._own_executor is not None:
             self._own_executor.shutdown(wait=True)
 

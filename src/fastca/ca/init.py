@@ -26,7 +26,7 @@ from fastca.errors import ConfigurationError
 from fastca.keys import spki_der
 from fastca.signing.pkcs11_uri import Pkcs11Uri
 
-__all__ = ["InitOptions", "init_ca", "install_cert", "EMBEDDED_TOKEN_LABEL", "EMBEDDED_KEY_LABEL"]
+__all__ = ["InitOptions", "init_ca", "install_cert", "install_issued_certificate", "new_software_key", "write_pem", "EMBEDDED_TOKEN_LABEL", "EMBEDDED_KEY_LABEL"]
 
 EMBEDDED_TOKEN_LABEL = "fastca"
 EMBEDDED_KEY_LABEL = "fastca-ca"
@@ -35,7 +35,7 @@ _PIN_FILE = "pin"
 _SO_PIN_FILE = "so-pin"
 # Everything `init --force` may replace in a state directory it created.
 _OWNED = (CONFIG_FILE, SIGNING_CERT_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE, _PIN_FILE, _SO_PIN_FILE,
-          "softhsm2.conf", "tokens", _SOFTWARE_KEY_FILE, "ca.csr")
+          "softhsm2.conf", "tokens", _SOFTWARE_KEY_FILE, "ca.csr", "rotation")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class InitOptions:
     issuance: IssuanceConfig = IssuanceConfig()
 
 
-def _write_pem(path: Path, certificates: list[x509.Certificate]) -> None:
+def write_pem(path: Path, certificates: list[x509.Certificate]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates))
     tmp.replace(path)
@@ -152,7 +152,7 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, clock
     softhsm_conf: Path | None = None
     if options.software_key:
         signer_config = SignerConfig(backend="software", key_file=_SOFTWARE_KEY_FILE, key_type=options.key_type)
-        key = imported[0] if imported else _new_software_key(options.key_type)
+        key = imported[0] if imported else new_software_key(options.key_type)
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,  # type: ignore[attr-defined]
                                 serialization.NoEncryption()).decode()
         softhsm.write_secret_file(state_dir / _SOFTWARE_KEY_FILE, pem.rstrip("\n"))
@@ -176,9 +176,9 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, clock
     pending_csr: str | None = None
     if imported is not None:
         _, signing, chain, roots = imported
-        _write_pem(state_dir / SIGNING_CERT_FILE, signing[:1])
-        _write_pem(state_dir / CERT_CHAIN_FILE, chain or signing[:1])
-        _write_pem(state_dir / ROOT_CERT_FILE, roots)
+        write_pem(state_dir / SIGNING_CERT_FILE, signing[:1])
+        write_pem(state_dir / CERT_CHAIN_FILE, chain or signing[:1])
+        write_pem(state_dir / ROOT_CERT_FILE, roots)
     else:
         signer = open_signer(signer_config, state_dir)
         try:
@@ -190,7 +190,7 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, clock
                 root = self_signed_root(signer, options.trust_domain, now=clock.utcnow(),
                                         lifetime=dt.timedelta(days=options.root_lifetime_days))
                 for name in (SIGNING_CERT_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE):
-                    _write_pem(state_dir / name, [root])
+                    write_pem(state_dir / name, [root])
         finally:
             signer.close()
     write_lifecycle(state_dir, trust_domain=options.trust_domain, signer=signer_config,
@@ -200,30 +200,38 @@ def _create(state_dir: Path, options: InitOptions, imported: tuple | None, clock
     return CAConfig.load(state_dir)
 
 
+def install_issued_certificate(target: Path, state_dir: Path, signer: SignerConfig, cert: Path,
+                               chain: Path | None, root: Path, now: dt.datetime, *, whose: str) -> None:
+    """Write an upstream CA's certificate for ``signer``'s key into
+    ``target`` (the state directory, or a rotation's next CA), once it is
+    proved to be a CA certificate for that key that chains to ``root``."""
+    signing = load_pem_certificates(cert)
+    chain_certs = load_pem_certificates(chain) if chain else signing[1:]
+    roots = load_pem_certificates(root)
+    validate_material(signing[0], chain_certs, roots, now)
+    opened = open_signer(signer, state_dir)
+    try:
+        if spki_der(opened.public_key) != spki_der(signing[0]):
+            raise ConfigurationError(f"{cert} is not a certificate for {whose}")
+    finally:
+        opened.close()
+    write_pem(target / SIGNING_CERT_FILE, signing[:1])
+    write_pem(target / CERT_CHAIN_FILE, [signing[0], *chain_certs])
+    write_pem(target / ROOT_CERT_FILE, roots)
+
+
 def install_cert(state_dir: Path, cert: Path, chain: Path | None, root: Path,
                  clock: Clock = SYSTEM_CLOCK) -> CAConfig:
     """Finish `init --csr-out`: install the certificate the upstream CA issued."""
-    now = clock.utcnow()
     config = CAConfig.load(state_dir)
-    signing = load_pem_certificates(cert)
-    chain_certs = load_pem_certificates(chain) if chain else []
-    roots = load_pem_certificates(root)
-    validate_material(signing[0], chain_certs or signing[1:], roots, now)
-    signer = open_signer(config.signer, state_dir)
-    try:
-        if spki_der(signer.public_key) != spki_der(signing[0]):
-            raise ConfigurationError(f"{cert} is not a certificate for this CA's key")
-    finally:
-        signer.close()
-    _write_pem(state_dir / SIGNING_CERT_FILE, signing[:1])
-    _write_pem(state_dir / CERT_CHAIN_FILE, [signing[0], *(chain_certs or signing[1:])])
-    _write_pem(state_dir / ROOT_CERT_FILE, roots)
+    install_issued_certificate(state_dir, state_dir, config.signer, cert, chain, root, clock.utcnow(),
+                               whose="this CA's key")
     write_lifecycle(state_dir, pending_csr=None)
     check_ca(state_dir, clock)
     return CAConfig.load(state_dir)
 
 
-def _new_software_key(key_type: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+def new_software_key(key_type: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
     kind, size = hsm.KEY_TYPES[key_type]
     if kind.name == "EC":
         return ec.generate_private_key(ec.SECP256R1() if size == "secp256r1" else ec.SECP384R1())

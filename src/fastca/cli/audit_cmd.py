@@ -25,7 +25,7 @@ from fastca.errors import ConfigurationError
 if TYPE_CHECKING:
     from fastca.audit.postgres_log import PostgresAuditReader
 
-__all__ = ["audit_app", "audit_config", "resolve_audit_path", "parse_when"]
+__all__ = ["audit_app", "audit_config", "resolve_audit_path", "parse_when", "parse_duration"]
 
 audit_app = typer.Typer(no_args_is_help=True, help="Read the issuance audit log.")
 _out = Console(emoji=False)
@@ -62,12 +62,21 @@ def resolve_audit_path(state: Optional[Path]) -> Path:
     return audit_path(audit_config(state), state_dir)
 
 
+def parse_duration(text: str) -> dt.timedelta | None:
+    """30s, 30m, 2h, 7d, 1w, or plain seconds; None if ``text`` is neither."""
+    text = text.strip()
+    if text.isdigit():
+        return dt.timedelta(seconds=int(text))
+    match = _DURATION.match(text)
+    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)]) if match else None
+
+
 def parse_when(text: str, now: dt.datetime | None = None) -> dt.datetime:
     """ISO 8601 (naive means UTC) or a duration ago: 30m, 2h, 7d, 1w."""
-    match = _DURATION.match(text.strip())
-    if match:
+    ago = parse_duration(text) if not text.strip().isdigit() else None
+    if ago is not None:
         now = now or dt.datetime.now(dt.timezone.utc)
-        return now - dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        return now - ago
     try:
         value = dt.datetime.fromisoformat(text.strip())
     except ValueError:

@@ -21,6 +21,7 @@ from fastca.ca.state import default_state_dir
 from fastca.config import IssuanceConfig
 from fastca.cli import inspect_cmd
 from fastca.cli.audit_cmd import audit_app
+from fastca.cli.ca_cmd import ca_app
 from fastca.errors import ConfigurationError, FastcaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,6 +29,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 hsm_app = typer.Typer(no_args_is_help=True, help="Look at PKCS#11 modules and tokens.")
 app.add_typer(hsm_app, name="hsm")
 app.add_typer(audit_app, name="audit")
+app.add_typer(ca_app, name="ca")
 err = Console(stderr=True, emoji=False, soft_wrap=True)
 out = Console(emoji=False)
 

@@ -19,20 +19,25 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fastca.audit.config import open_audit_log
 from fastca.authn.chain import AuthenticatorChain
 from fastca.authn.config import build_authenticators, build_node_authorizer
 from fastca.authn.node_authorizer import NodeAuthorizer
 from fastca.authority import Admission, Authorities, Authority, load_authority
+from fastca.ca.rotation import CAView
 from fastca.clock import SYSTEM_CLOCK, Clock
 from fastca.config import CAConfig, resolve_path
 from fastca.errors import ConfigurationError, FastcaError
 from fastca.frontend._grpc import RESOURCE_EXHAUSTED, UNAVAILABLE, Call, Limits
+from fastca.frontend.ca_follow import CAFollower
 from fastca.frontend.bulk import BULK_METHOD, BULK_SERVICE, CreateCertificates
 from fastca.frontend.health import HEALTH_SERVICE, HealthCheck, HealthState, HealthWatch
 from fastca.frontend.istio_ca import METHOD, SERVICE, STATUS_NAMES, CreateCertificate, IssuanceService, log_recorded
@@ -74,12 +79,28 @@ class _Admission:
         self.closing = False
 
 
+class ClientTrust:
+    """What a client certificate may chain to: the default signer's own roots
+    (old and new while a rotation is under way) through any signing or
+    intermediate certificate in use. The mTLS authenticator reads it on each
+    verification; the TLS contexts are handed its PEM when it changes."""
+
+    def __init__(self, roots: Sequence[x509.Certificate], intermediates: Sequence[x509.Certificate]) -> None:
+        self.roots = tuple(roots)
+        self.intermediates = tuple(intermediates)
+
+    @property
+    def pem(self) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (*self.roots, *self.intermediates))
+
+
 class CAServer:
     def __init__(self, config: CAConfig, *, authorities: Authorities, authenticators: AuthenticatorChain,
                  node_authorizer: NodeAuthorizer | None, audit: Any, metrics: Metrics,
                  executor: ThreadPoolExecutor, clock: Clock = SYSTEM_CLOCK,
                  trust_publisher: KubernetesTrustPublisher | None = None,
-                 peer_sync: PeerSync | None = None) -> None:
+                 peer_sync: PeerSync | None = None, state_dirs: dict[str, Path] | None = None,
+                 client_trust: ClientTrust | None = None) -> None:
         self._config = config
         self.authorities = authorities
         self._authenticators = authenticators
@@ -110,6 +131,13 @@ class CAServer:
         if trust_publisher is not None:
             self.trust_bundles[authorities.default.name].subscribe(trust_publisher.set_bundle)
         self.peer_sync = peer_sync
+        default = authorities.default.material
+        self.client_trust = client_trust or ClientTrust(default.roots, (default.signing_cert, *default.intermediates))
+        self._tls_contexts: list[Any] = []
+        # Each signer's state directory, followed for a CA rotation's phases.
+        self.followers = [CAFollower(authority, state_dirs[authority.name], self.trust_bundles[authority.name],
+                                     clock=clock, executor=executor, metrics=metrics, on_change=self._ca_changed)
+                          for authority in authorities if state_dirs and authority.name in state_dirs]
 
     @classmethod
     def from_state(cls, state_dir: Path, config: CAConfig, clock: Clock = SYSTEM_CLOCK) -> CAServer:
@@ -143,10 +171,11 @@ class CAServer:
                     observe_batch=lambda size, _seconds: metrics.observe_batch(size), wait_for_signer=True))
             authorities = Authorities(loaded, DEFAULT_SIGNER)
             default_material = authorities.default.material
+            client_trust = ClientTrust(default_material.roots,
+                                       (default_material.signing_cert, *default_material.intermediates))
             authenticators = build_authenticators(
-                config.authn, trust_domain=config.trust_domain, roots=list(default_material.roots),
-                intermediates=[default_material.signing_cert, *default_material.intermediates], base_dir=state_dir,
-                clock=clock)
+                config.authn, trust_domain=config.trust_domain, roots=lambda: client_trust.roots,
+                intermediates=lambda: client_trust.intermediates, base_dir=state_dir, clock=clock)
             if config.trust.peers.sources:
                 from fastca.trust.peers import PeerSync
 
@@ -166,7 +195,7 @@ class CAServer:
                                                        base_dir=state_dir)
         return cls(config, authorities=authorities, authenticators=authenticators, node_authorizer=node_authorizer,
                    audit=audit, metrics=metrics, executor=executor, clock=clock, trust_publisher=trust_publisher,
-                   peer_sync=peer_sync)
+                   peer_sync=peer_sync, state_dirs=sources, client_trust=client_trust)
 
     # -- start -------------------------------------------------------------------
 
@@ -193,6 +222,10 @@ class CAServer:
             if on_waiting is not None:
                 on_waiting(reason)
             await asyncio.sleep(_SIGNER_CHECK_INTERVAL_S)
+        for follower in self.followers:
+            # Before the ports open: a server started mid-rotation signs and
+            # hands out roots as the plan says from its first response on.
+            await follower.check()
         if self._node_authorizer is not None:
             await self._node_authorizer.start()
         if self.peer_sync is not None:
@@ -220,6 +253,9 @@ class CAServer:
             await listener.start()
             self.ports[listener.name] = listener.port
         self._tasks.append(asyncio.create_task(self._probe_loop()))
+        for follower in self.followers:
+            self._tasks.append(asyncio.create_task(follower.run(server.ca_watch_seconds),
+                                                   name=f"ca-follow-{follower.authority.name}"))
         if self.serving is not None:
             self._tasks.append(asyncio.create_task(self._renewal_loop()))
         if self.trust_publisher is not None:
@@ -250,19 +286,20 @@ class CAServer:
             self._listeners.append(Listener(self.endpoint, "grpc", bind_socket(server.listen, reuse_port=True),
                                             None, timeout))
             return
-        material = authority.material
         # Client certificates verify against the roots, through the CA's own chain.
-        client_roots = (material.root_bundle_pem + "".join(material.chain_pems)).encode()
+        client_roots = self.client_trust.pem
         self.serving = ServingCertificate(
             authority, trust_domain=self._config.trust_domain, dns_names=server.serving_dns_names,
             ip_addresses=server.listen_ip_addresses(), ttl_seconds=server.serving_cert_ttl_seconds)
         main = self.serving.serve_on(server_tls_context(client_roots_pem=client_roots,
                                                         require_client_certificate=False))
+        self._tls_contexts.append(main)
         self._listeners.append(Listener(self.endpoint, "grpc", bind_socket(server.listen, reuse_port=True),
                                         main, timeout))
         if server.mtls_listen:
             required = self.serving.serve_on(server_tls_context(client_roots_pem=client_roots,
                                                                 require_client_certificate=True))
+            self._tls_contexts.append(required)
             self._listeners.append(Listener(self.endpoint, "mtls", bind_socket(server.mtls_listen, reuse_port=True),
                                             required, timeout))
 
@@ -283,6 +320,29 @@ class CAServer:
         self.metrics.set_trust_bundle_size(signer, len(bundle.certificates))
         log.info("trust bundle changed", signer=signer, version=bundle.version,
                  certificates=len(bundle.certificates), peers=bundle.peer_names())
+
+    async def _ca_changed(self, authority: Authority, view: CAView, switched: bool) -> None:
+        """A rotation moved on for ``authority``: metrics, and for the default
+        signer the client-certificate trust and the serving certificate."""
+        material = authority.material
+        self.metrics.set_ca_expiry(authority.name, min(r.not_valid_after_utc for r in view.roots),
+                                   material.valid_until)
+        if authority is not self.authorities.default:
+            return
+        self.client_trust.roots, self.client_trust.intermediates = view.roots, view.intermediates
+        # A TLS store only grows (ssl cannot remove a CA from a live context): a
+        # retired root is still accepted by the handshake, and the mTLS
+        # authenticator, which verifies against client_trust, refuses it.
+        for context in self._tls_contexts:
+            context.load_verify_locations(cadata=self.client_trust.pem.decode())
+        if switched and self.serving is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.serving.renew)
+            except FastcaError as error:
+                log.error("serving certificate re-issue under the new key failed", reason=str(error))
+            else:
+                log.info("serving certificate re-issued under the new key",
+                         not_after=self.serving.certificate.not_after.isoformat())
 
     # -- health and renewal ------------------------------------------------------
 

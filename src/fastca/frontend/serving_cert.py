@@ -76,8 +76,12 @@ class ServingCertificate:
         start, end = issued.not_before.timestamp(), issued.not_after.timestamp()
         if now < start + (end - start) / 2:
             return False
+        self.renew()
+        return True
+
+    def renew(self) -> None:
+        """Re-issue now (after a CA rotation switched the signing key)."""
         new_pair = self._issue()
         with self._lock:
             load_serving(self._contexts, new_pair.chain_pem, new_pair.key_pem)
             self._pair = new_pair
-        return True

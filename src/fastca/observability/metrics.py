@@ -31,7 +31,7 @@ import bisect
 import datetime as dt
 import re
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
@@ -211,6 +211,10 @@ class Metrics:
         self._signer_ready = Gauge("fastca_signer_ready",
                                    "1 while a signer's last health probe signed and verified, else 0 "
                                    "(its HSM is gone or being waited for).", ["signer"], registry=inner)
+        self._rotation_phase = Gauge("fastca_ca_rotation_phase",
+                                     "1 for the phase of the signer's CA rotation that this server is in "
+                                     "(steady, awaiting-certificate, distributing, signing-with-new-key, "
+                                     "old-root-retired), 0 for the others.", ["signer", "phase"], registry=inner)
         self._auth_failures = Counter("fastca_authentication_failures",
                                       "Requests whose credentials were rejected, by reason.", ["reason"],
                                       registry=inner)
@@ -303,6 +307,11 @@ class Metrics:
         self._audit_commit.observe(seconds)
 
     # -- CA lifecycle --------------------------------------------------------
+
+    def set_rotation_phase(self, signer: str, phase: str, phases: Sequence[str]) -> None:
+        label = _label(signer)
+        for name in phases:
+            self._rotation_phase.labels(label, name).set(1 if name == phase else 0)
 
     def set_signer_ready(self, signer: str, ready: bool) -> None:
         self._signer_ready.labels(_label(signer)).set(1 if ready else 0)

@@ -57,6 +57,7 @@ class Pkcs11Context:
     def __init__(self) -> None:
         self._pid = os.getpid()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+        self._as_executor = _OnThread(self)     # one object: signers on this thread compare equal
         self._thread_ident: int | None = None
         # Confined to the PKCS#11 thread:
         self._libraries: dict[str, tuple[Any, str | None]] = {}
@@ -83,7 +84,7 @@ class Pkcs11Context:
     def executor(self) -> Executor:
         """This context's thread as an Executor: what runs there may call
         PKCS#11 (through ``run``) without a hand-off."""
-        return _OnThread(self)
+        return self._as_executor
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         if threading.get_ident() == self._thread_ident:
