@@ -27,4 +27,6 @@ def make_record(i: int = 0, *, serial: str | None = None, identity: str | None =
         issued_at=issued_at or T0 + dt.timedelta(seconds=i),
         impersonated=False,
         cluster_id="Kubernetes",
+        spki_sha256=os.urandom(32).hex(),
+        csr_sha256=os.urandom(32).hex(),
     )

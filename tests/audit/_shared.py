@@ -10,6 +10,7 @@ from typing import Callable
 import pytest
 
 from fastca.audit import GroupCommitLog, IssuanceRecord
+from fastca.audit.queries import RecordQueries
 from fastca.errors import CANotReady, Overloaded
 import datetime as dt
 
@@ -97,3 +98,26 @@ def check_close_flushes_queued_records(make_log: Callable[..., GroupCommitLog]) 
         return log.count()
 
     assert asyncio.run(main()) == 300
+
+
+def check_monitor_columns_tail_and_flags(log: GroupCommitLog, reader: RecordQueries) -> None:
+    """Schema version 2: the key and CSR hashes round-trip; the monitor's
+    tail reads records after an id in commit order; a flag is added once
+    (a second replica flagging the same certificate changes nothing) and
+    ``flagged`` lists only flagged records."""
+    records = [make_record(i) for i in range(6)]
+    log.record_many_sync(records[:4])
+    tail = reader.after(0)
+    assert [r for _, r in tail] == records[:4] and [i for i, _ in tail] == sorted(i for i, _ in tail)
+    assert reader.last_id() == tail[-1][0]
+    log.record_many_sync(records[4:])
+    assert [r.serial for _, r in reader.after(tail[-1][0])] == [r.serial for r in records[4:]]
+    assert reader.after(reader.last_id()) == []
+    assert reader.get(records[2].serial).spki_sha256 == records[2].spki_sha256
+    assert reader.flag(records[2].serial, "burst") is True
+    assert reader.flag(records[2].serial, "burst") is False
+    assert reader.flag(records[2].serial, "key_reuse") is True
+    assert reader.flag("ab" * 16, "burst") is False                      # no such certificate
+    assert reader.get(records[2].serial).flags == ("burst", "key_reuse")
+    assert [r.serial for r in reader.list(flagged=True)] == [records[2].serial]
+    assert reader.list(flagged=True, identity=records[3].identity) == []

@@ -15,8 +15,9 @@ from fastca.config import CAConfig
 from fastca.errors import CANotReady, ConfigurationError
 from tests.audit._factory import make_record
 from tests.audit._shared import (check_close_flushes_queued_records, check_group_commit,
+                                 check_monitor_columns_tail_and_flags,
                                  check_queue_full_is_overloaded, check_round_trip)
-from tests.audit.postgres import PostgresServer, TestDatabase
+from tests.audit.postgres import ROLE, PostgresServer, TestDatabase
 
 
 def _log(db: TestDatabase, **kwargs) -> PostgresAuditLog:
@@ -26,7 +27,7 @@ def _log(db: TestDatabase, **kwargs) -> PostgresAuditLog:
 def test_round_trip_types_and_indexes(postgres: PostgresServer, pg_database: TestDatabase) -> None:
     with _log(pg_database) as log:
         check_round_trip(log)
-        assert log.migrations_applied == 1
+        assert log.migrations_applied == SCHEMA_VERSION
     types = dict(postgres.query(pg_database.name, "SELECT column_name, data_type FROM information_schema.columns "
                                                   "WHERE table_name = 'fastca_issuance'"))
     assert types["issued_at"] == types["not_before"] == types["not_after"] == "timestamp with time zone"
@@ -37,7 +38,44 @@ def test_round_trip_types_and_indexes(postgres: PostgresServer, pg_database: Tes
     unique = postgres.query(pg_database.name, "SELECT contype FROM pg_constraint "
                                               "WHERE conname = 'fastca_issuance_serial_key'")
     assert unique == [("u",)]
-    assert postgres.query(pg_database.name, "SELECT version FROM fastca_schema_version") == [(SCHEMA_VERSION,)]
+    assert postgres.query(pg_database.name, "SELECT version FROM fastca_schema_version ORDER BY version") == \
+        [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+
+
+def test_monitor_columns_tail_and_flags(pg_database: TestDatabase) -> None:
+    with _log(pg_database) as log:
+        log.count()      # opens (and migrates) before the reader looks
+        reader = PostgresAuditReader(pg_database.url, password_file=pg_database.password_file)
+        try:
+            check_monitor_columns_tail_and_flags(log, reader)
+        finally:
+            reader.close()
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_records(postgres: PostgresServer,
+                                                                 pg_database: TestDatabase) -> None:
+    from fastca.audit.postgres_log import _MIGRATIONS, VERSION_TABLE
+
+    statements = [*_MIGRATIONS[1], f"CREATE TABLE {VERSION_TABLE} (version integer PRIMARY KEY, "
+                                   "applied_at timestamptz NOT NULL DEFAULT now())",
+                  f"INSERT INTO {VERSION_TABLE} (version) VALUES (1)",
+                  "INSERT INTO fastca_issuance (serial, identity, caller_identities, credential_type, key_type, "
+                  "not_before, not_after, signer, fingerprint_sha256, peer, request_id, issued_at, impersonated, "
+                  "cluster_id) VALUES ('4a3f', 'spiffe://td/ns/a/sa/b', '{}', 'k8s-jwt', 'ec-p256', now(), now(), "
+                  "'default', 'ab', 'ipv4:1.2.3.4:5', 'r1', now(), false, '')",
+                  # Made as the server's role would have made them (the admin runs the statements here).
+                  f"ALTER TABLE fastca_issuance OWNER TO {ROLE}", f"ALTER TABLE {VERSION_TABLE} OWNER TO {ROLE}"]
+    with postgres.admin(pg_database.name) as conn:
+        for statement in statements:
+            conn.execute(statement)
+    old_reader = PostgresAuditReader(pg_database.url, password_file=pg_database.password_file)
+    try:
+        assert old_reader.get("4a3f").flags == () and old_reader.get("4a3f").spki_sha256 == ""
+    finally:
+        old_reader.close()
+    with _log(pg_database) as log:
+        assert log.count() == 1 and log.migrations_applied == 1
+        assert log.get("4a3f").identity == "spiffe://td/ns/a/sa/b" and log.get("4a3f").csr_sha256 == ""
 
 
 def test_concurrent_records_are_group_committed(pg_database: TestDatabase) -> None:
@@ -112,14 +150,15 @@ def test_concurrent_first_opens_migrate_exactly_once(postgres: PostgresServer,
         thread.join()
     try:
         assert errors == [] and len(logs) == 8
-        assert sum(log.migrations_applied for log in logs) == 1
+        assert sorted(log.migrations_applied for log in logs) == [0] * 7 + [SCHEMA_VERSION]   # one opener migrated
         for i, log in enumerate(logs):
             log.record_many_sync([make_record(i)])
         assert logs[0].count() == 8
     finally:
         for log in logs:
             log.close()
-    assert postgres.query(pg_database.name, "SELECT version FROM fastca_schema_version") == [(SCHEMA_VERSION,)]
+    assert postgres.query(pg_database.name, "SELECT version FROM fastca_schema_version ORDER BY version") == \
+        [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 
 
 def test_newer_schema_is_refused(postgres: PostgresServer, pg_database: TestDatabase) -> None:

@@ -25,6 +25,7 @@ from fastca.audit.sqlite_log import SCHEMA_VERSION, _connect_writer
 from fastca.errors import CANotReady, ConfigurationError
 from tests.audit._factory import T0, make_record
 from tests.audit._shared import (check_close_flushes_queued_records, check_group_commit,
+                                 check_monitor_columns_tail_and_flags,
                                  check_queue_full_is_overloaded, check_round_trip)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +44,45 @@ def test_round_trip_and_reads(db: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"issuance_serial", "issuance_identity", "issuance_issued_at"} <= indexes
+
+
+def test_monitor_columns_tail_and_flags(db: Path) -> None:
+    from fastca.audit.sqlite_log import AuditReader
+
+    with SqliteAuditLog(db) as log:
+        log.count()
+        reader = AuditReader(db, writable=True)
+        try:
+            check_monitor_columns_tail_and_flags(log, reader)
+        finally:
+            reader.close()
+    read_only = AuditReader(db)
+    with pytest.raises(CANotReady):
+        read_only.flag(read_only.list(limit=1)[0].serial, "csr_replay")
+    read_only.close()
+
+
+def test_a_version_1_log_is_migrated_and_keeps_its_records(db: Path) -> None:
+    from fastca.audit.sqlite_log import _SCHEMA, AuditReader  # the version 1 schema, as first shipped
+
+    with sqlite3.connect(db) as conn:
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT INTO issuance (serial, identity, caller_identities, credential_type, key_type, "
+                     "not_before, not_after, signer, fingerprint_sha256, peer, request_id, issued_at, impersonated, "
+                     "cluster_id) VALUES ('4a3f', 'spiffe://td/ns/a/sa/b', '[]', 'k8s-jwt', 'ec-p256', "
+                     "'2025-01-01T00:00:00.000000+00:00', '2025-01-02T00:00:00.000000+00:00', 'default', 'ab', "
+                     "'ipv4:1.2.3.4:5', 'r1', '2025-01-01T00:00:00.000000+00:00', 0, '')")
+        conn.execute("PRAGMA user_version = 1")
+    old = AuditReader(db)                        # a reader of the old file sees the new fields empty
+    assert old.get("4a3f").flags == () and old.get("4a3f").spki_sha256 == ""
+    old.close()
+    with SqliteAuditLog(db) as log:
+        assert log.count() == 1
+        assert log.get("4a3f").identity == "spiffe://td/ns/a/sa/b"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(issuance)")}
+    assert {"spki_sha256", "csr_sha256", "flags"} <= columns
 
 
 def test_record_normalises_and_validates() -> None:

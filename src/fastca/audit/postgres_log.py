@@ -41,7 +41,7 @@ from fastca.signing.secret_file import read_secret_file
 
 __all__ = ["PostgresAuditLog", "PostgresAuditReader", "SCHEMA_VERSION", "check_database_url", "describe_database"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TABLE = "fastca_issuance"
 VERSION_TABLE = "fastca_schema_version"
 # pg_advisory_xact_lock's key for migrations: b"fastcaAU" as a big-endian int64.
@@ -73,6 +73,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         f"CREATE INDEX {TABLE}_identity ON {TABLE} (identity, issued_at)",
         f"CREATE INDEX {TABLE}_issued_at ON {TABLE} (issued_at)",
+    ),
+    # What the issuance monitor reads (fastca.monitoring) and the flags it sets.
+    2: (
+        f"ALTER TABLE {TABLE} ADD COLUMN spki_sha256 text NOT NULL DEFAULT ''",
+        f"ALTER TABLE {TABLE} ADD COLUMN csr_sha256 text NOT NULL DEFAULT ''",
+        f"ALTER TABLE {TABLE} ADD COLUMN flags text NOT NULL DEFAULT ''",
+        f"CREATE INDEX {TABLE}_flagged ON {TABLE} (issued_at) WHERE flags <> ''",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -189,17 +196,19 @@ def migrate(conn: psycopg.Connection[Any], where: str) -> int:
 def _row(record: IssuanceRecord) -> tuple[Any, ...]:
     return (record.serial, record.identity, list(record.caller_identities), record.credential_type,
             record.key_type, record.not_before, record.not_after, record.signer, record.fingerprint_sha256,
-            record.peer, record.request_id, record.issued_at, record.impersonated, record.cluster_id)
+            record.peer, record.request_id, record.issued_at, record.impersonated, record.cluster_id,
+            record.spki_sha256, record.csr_sha256, ",".join(record.flags))
 
 
 def _record(row: Sequence[Any]) -> IssuanceRecord:
     (serial, identity, callers, credential_type, key_type, not_before, not_after, signer, fingerprint,
-     peer, request_id, issued_at, impersonated, cluster_id) = row
+     peer, request_id, issued_at, impersonated, cluster_id, spki_sha256, csr_sha256, flags) = row
     return IssuanceRecord(serial=serial, identity=identity, caller_identities=tuple(callers),
                           credential_type=credential_type, key_type=key_type, not_before=not_before,
                           not_after=not_after, signer=signer, fingerprint_sha256=fingerprint, peer=peer,
                           request_id=request_id, issued_at=issued_at, impersonated=impersonated,
-                          cluster_id=cluster_id)
+                          cluster_id=cluster_id, spki_sha256=spki_sha256, csr_sha256=csr_sha256,
+                          flags=tuple(flags.split(",")) if flags else ())
 
 
 def _unusable(conn: psycopg.Connection[Any]) -> bool:
@@ -207,7 +216,7 @@ def _unusable(conn: psycopg.Connection[Any]) -> bool:
 
 
 class PostgresAuditReader(RecordQueries):
-    """Read-only access to the audit tables. Never creates them: a database
+    """Access to the audit tables: reads, and the issuance monitor's ``flag``. Never creates them: a database
     without them is a ConfigurationError. Safe to use from any thread; a
     dropped connection is replaced at the next query."""
 
@@ -233,6 +242,7 @@ class PostgresAuditReader(RecordQueries):
         except ConfigurationError:
             self.close()
             raise
+        self.schema_version = version
 
     def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
@@ -240,6 +250,15 @@ class PostgresAuditReader(RecordQueries):
                 self._conn = self._database.connect(autocommit=True)
             try:
                 return self._conn.execute(sql, parameters).fetchall()
+            except psycopg.Error as exc:
+                raise CANotReady(f"audit log unavailable: {self.where}: {_one_line(exc)}") from None
+
+    def _execute(self, sql: str, parameters: Sequence[Any]) -> int:
+        with self._lock:
+            if self._conn is None or _unusable(self._conn):
+                self._conn = self._database.connect(autocommit=True)
+            try:
+                return self._conn.execute(sql, parameters).rowcount
             except psycopg.Error as exc:
                 raise CANotReady(f"audit log unavailable: {self.where}: {_one_line(exc)}") from None
 

@@ -16,7 +16,9 @@ __all__ = ["RecordQueries", "COLUMNS"]
 
 COLUMNS = ("serial", "identity", "caller_identities", "credential_type", "key_type", "not_before",
            "not_after", "signer", "fingerprint_sha256", "peer", "request_id", "issued_at",
-           "impersonated", "cluster_id")
+           "impersonated", "cluster_id", "spki_sha256", "csr_sha256", "flags")
+# Added by schema version 2; a reader of a version 1 log sees them empty.
+_V2_COLUMNS = ("spki_sha256", "csr_sha256", "flags")
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -26,6 +28,7 @@ def _aware(value: dt.datetime) -> dt.datetime:
 class RecordQueries(ABC):
     table = "issuance"
     placeholder = "?"
+    schema_version = 2          # the version of the database read: set by the backend when it opens
 
     @abstractmethod
     def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
@@ -39,15 +42,24 @@ class RecordQueries(ABC):
         ...
 
     @property
+    def _columns(self) -> str:
+        if self.schema_version >= 2:
+            return ", ".join(COLUMNS)
+        return ", ".join(f"'' AS {c}" if c in _V2_COLUMNS else c for c in COLUMNS)
+
+    @property
     def _select(self) -> str:
-        return f"SELECT {', '.join(COLUMNS)} FROM {self.table}"
+        return f"SELECT {self._columns} FROM {self.table}"
 
     def list(self, limit: int = 50, identity: str | None = None, since: dt.datetime | None = None,
-             until: dt.datetime | None = None) -> list[IssuanceRecord]:
-        """Records, newest first; ``since`` inclusive, ``until`` exclusive."""
+             until: dt.datetime | None = None, flagged: bool = False) -> list[IssuanceRecord]:
+        """Records, newest first; ``since`` inclusive, ``until`` exclusive;
+        ``flagged``: only those the issuance monitor flagged."""
         where: list[str] = []
         parameters: list[Any] = []
         p = self.placeholder
+        if flagged:
+            where.append("flags <> ''")
         if identity is not None:
             where.append(f"identity = {p}")
             parameters.append(identity)
@@ -69,3 +81,28 @@ class RecordQueries(ABC):
 
     def count(self) -> int:
         return int(self._query(f"SELECT count(*) FROM {self.table}")[0][0])
+
+    def after(self, last_id: int, limit: int = 2000) -> list[tuple[int, IssuanceRecord]]:
+        """Records committed after the one with id ``last_id``, oldest first,
+        with their ids: how the issuance monitor follows the log."""
+        p = self.placeholder
+        rows = self._query(f"SELECT id, {self._columns} FROM {self.table} WHERE id > {p} ORDER BY id LIMIT {p}",
+                           (int(last_id), max(1, int(limit))))
+        return [(int(row[0]), self._record(row[1:])) for row in rows]
+
+    def flag(self, serial: str, signal: str) -> bool:
+        """Add ``signal`` to the flags of the certificate ``serial`` (once:
+        a replica that flags it again changes nothing); True if it was added."""
+        p = self.placeholder
+        changed = self._execute(
+            f"UPDATE {self.table} SET flags = CASE WHEN flags = '' THEN {p} ELSE flags || ',' || {p} END "
+            f"WHERE serial = {p} AND ',' || flags || ',' NOT LIKE {p}",
+            (signal, signal, normalize_serial(serial), f"%,{signal},%"))
+        return changed > 0
+
+    def _execute(self, sql: str, parameters: Sequence[Any]) -> int:
+        """Run a change; the rows it changed. A read-only reader refuses."""
+        raise NotImplementedError(f"{type(self).__name__} is read-only")
+
+    def last_id(self) -> int:
+        return int(self._query(f"SELECT coalesce(max(id), 0) FROM {self.table}")[0][0])

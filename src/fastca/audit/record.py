@@ -24,6 +24,8 @@ class IssuedFacts(Protocol):
     not_before: dt.datetime
     not_after: dt.datetime
     fingerprint_sha256: str
+    spki_sha256: str
+    csr_sha256: str
 
 
 def normalize_serial(serial: str | int) -> str:
@@ -82,6 +84,9 @@ class IssuanceRecord:
     issued_at: dt.datetime                # UTC
     impersonated: bool = False            # identity differs from the caller's (node authorizer)
     cluster_id: str = ""
+    spki_sha256: str = ""                 # hex, of the certified public key (SubjectPublicKeyInfo DER)
+    csr_sha256: str = ""                  # hex, of the CSR DER as it arrived
+    flags: tuple[str, ...] = ()           # issuance-monitoring signals this certificate raised
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -91,6 +96,7 @@ class IssuanceRecord:
         for name in ("not_before", "not_after", "issued_at"):
             set_(self, name, _utc(name, getattr(self, name)))
         set_(self, "impersonated", bool(self.impersonated))
+        set_(self, "flags", tuple(self.flags))
 
     @classmethod
     def from_issued(cls, issued: IssuedFacts, *, caller_identities: tuple[str, ...] | list[str],
@@ -103,7 +109,8 @@ class IssuanceRecord:
                    key_type=issued.key_type, not_before=issued.not_before, not_after=issued.not_after,
                    signer=signer, fingerprint_sha256=issued.fingerprint_sha256, peer=peer,
                    request_id=request_id, issued_at=issued_at,
-                   impersonated=impersonated, cluster_id=cluster_id)
+                   impersonated=impersonated, cluster_id=cluster_id,
+                   spki_sha256=issued.spki_sha256, csr_sha256=issued.csr_sha256)
 
     @classmethod
     def of(cls, issued: IssuedFacts, context: IssuanceContext, issued_at: dt.datetime) -> IssuanceRecord:
@@ -117,13 +124,15 @@ class IssuanceRecord:
             credential_type=context.credential_type, key_type=issued.key_type, not_before=issued.not_before,
             not_after=issued.not_after, signer=context.signer, fingerprint_sha256=issued.fingerprint_sha256,
             peer=context.peer, request_id=context.request_id, issued_at=issued_at,
-            impersonated=context.impersonated, cluster_id=context.cluster_id)
+            impersonated=context.impersonated, cluster_id=context.cluster_id,
+            spki_sha256=issued.spki_sha256, csr_sha256=issued.csr_sha256, flags=())
         return record
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: datetimes as ISO 8601 UTC, tuples as lists."""
         out = asdict(self)
         out["caller_identities"] = list(self.caller_identities)
+        out["flags"] = list(self.flags)
         for name in ("not_before", "not_after", "issued_at"):
             out[name] = getattr(self, name).isoformat()
         return out

@@ -31,7 +31,7 @@ from fastca.errors import CANotReady, ConfigurationError
 
 __all__ = ["SqliteAuditLog", "AuditReader", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -56,6 +56,13 @@ CREATE INDEX IF NOT EXISTS issuance_serial ON issuance (serial);
 CREATE INDEX IF NOT EXISTS issuance_identity ON issuance (identity, issued_at);
 CREATE INDEX IF NOT EXISTS issuance_issued_at ON issuance (issued_at);
 """
+# Version 2: what the issuance monitor reads (fastca.monitoring) and the flags it sets.
+_V2 = (
+    "ALTER TABLE issuance ADD COLUMN spki_sha256 TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE issuance ADD COLUMN csr_sha256 TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE issuance ADD COLUMN flags TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX IF NOT EXISTS issuance_flagged ON issuance (issued_at) WHERE flags <> ''",
+)
 
 _INSERT = (f"INSERT INTO issuance ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")
@@ -85,18 +92,20 @@ def _row(record: IssuanceRecord) -> tuple[Any, ...]:
     return (record.serial, record.identity, "[" + ",".join(map(_json_string, record.caller_identities)) + "]",
             record.credential_type, record.key_type, _ts(record.not_before), _ts(record.not_after),
             record.signer, record.fingerprint_sha256, record.peer, record.request_id,
-            _ts(record.issued_at), int(record.impersonated), record.cluster_id)
+            _ts(record.issued_at), int(record.impersonated), record.cluster_id, record.spki_sha256,
+            record.csr_sha256, ",".join(record.flags))
 
 
 def _record(row: Sequence[Any]) -> IssuanceRecord:
     (serial, identity, callers, credential_type, key_type, not_before, not_after, signer, fingerprint,
-     peer, request_id, issued_at, impersonated, cluster_id) = row
+     peer, request_id, issued_at, impersonated, cluster_id, spki_sha256, csr_sha256, flags) = row
     return IssuanceRecord(serial=serial, identity=identity, caller_identities=tuple(json.loads(callers)),
                           credential_type=credential_type, key_type=key_type,
                           not_before=_parse_ts(not_before), not_after=_parse_ts(not_after), signer=signer,
                           fingerprint_sha256=fingerprint, peer=peer, request_id=request_id,
                           issued_at=_parse_ts(issued_at), impersonated=bool(impersonated),
-                          cluster_id=cluster_id)
+                          cluster_id=cluster_id, spki_sha256=spki_sha256, csr_sha256=csr_sha256,
+                          flags=tuple(flags.split(",")) if flags else ())
 
 
 def _connect_writer(path: Path) -> sqlite3.Connection:
@@ -130,7 +139,10 @@ def _migrate(conn: _Connection, path: Path) -> None:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-        # Later versions: `if version < 2: ALTER ...` here, in order.
+        if version < 2:
+            for statement in _V2:
+                conn.execute(statement)
+        # Later versions: `if version < 3: ALTER ...` here, in order.
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -139,17 +151,19 @@ def _migrate(conn: _Connection, path: Path) -> None:
 
 
 class AuditReader(RecordQueries):
-    """Read-only access to an audit database. Never creates one: a missing
-    file is a ConfigurationError. Safe to use from any thread."""
+    """Read-only access to an audit database (``writable``: also ``flag``,
+    for the issuance monitor). Never creates one: a missing file is a
+    ConfigurationError. Safe to use from any thread."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writable: bool = False) -> None:
         self.path = Path(path)
         self.where = str(self.path)
         if not self.path.is_file():
             raise ConfigurationError(f"no audit log at {self.path}")
         try:
-            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                         check_same_thread=False)
+            mode = "rw" if writable else "ro"
+            self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={mode}", uri=True,
+                                         check_same_thread=False, isolation_level=None)
             self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
@@ -158,12 +172,20 @@ class AuditReader(RecordQueries):
             self._conn.close()
             raise ConfigurationError(f"{self.path} is not a fastca audit log")
         _check_version(version, self.path)
+        self.schema_version = version
         self._lock = threading.Lock()
 
     def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
             try:
                 return self._conn.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise CANotReady(f"audit log unavailable: {exc}") from None
+
+    def _execute(self, sql: str, parameters: Sequence[Any]) -> int:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, parameters).rowcount
             except sqlite3.Error as exc:
                 raise CANotReady(f"audit log unavailable: {exc}") from None
 

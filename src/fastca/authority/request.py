@@ -31,3 +31,5 @@ class IssuedCertificate:
     identity: str
     key_type: str                    # e.g. "rsa-2048", "ec-p256"
     fingerprint_sha256: str
+    spki_sha256: str = ""            # of the certified key, for the audit record (key reuse is visible there)
+    csr_sha256: str = ""             # of the CSR as received (a replayed CSR is visible there)

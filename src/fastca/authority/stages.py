@@ -222,7 +222,8 @@ class ProfileCheck:
         return IssuedCertificate(
             der=der, pem=pem, chain=(pem, *tail), serial=_serial_value(spec.serial),
             not_before=_utc(spec.not_before), not_after=_utc(spec.not_after), identity=spec.spiffe_id,
-            key_type=_key_type(csr), fingerprint_sha256=hashlib.sha256(der).hexdigest())
+            key_type=_key_type(csr), fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+            spki_sha256=hashlib.sha256(csr.spki).hexdigest(), csr_sha256=hashlib.sha256(csr.der).hexdigest())
 
 
 class Record:
