@@ -9,6 +9,7 @@ COMMANDS = {
     "run": ("bench.run", "the Istio path (and bulk) against the raw limits and peers"),
     "stability": ("bench.stability", "overload at 3x the peak, or a soak at 80%"),
     "vs-istiod": ("bench.vs_istiod", "fastca against an istiod-shaped Go CA (bench/goca), token and client cert"),
+    "replicas": ("bench.replicas", "two fastca serve replicas against one (p11-kit HSM, PostgreSQL audit log)"),
     "front-end-floor": ("bench.front_end_floor", "per-call server CPU of the front ends"),
     "offline": ("bench.offline_issuance", "the issuance engine without RPC, against pyca"),
     "pkcs11-batch": ("bench.pkcs11_batch", "the PKCS#11 signing paths"),
