@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         report = measure(args.rounds, args.seconds, args.connections, args.key_type, args.warmup, Path(tmp),
                          embedded=not args.no_embedded, csr_type=args.csr_type)
     report["meta"] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      "command": shlex.join(["python -m bench replicas", *argv]), "cpus": os.cpu_count(),
+                      "command": " ".join(["python -m bench replicas", shlex.join(argv)]).strip(), "cpus": os.cpu_count(),
                       "elapsed_s": round(time.monotonic() - started, 1)}
     print(f"medians of {args.rounds} rounds, {args.connections} connections, {args.seconds:g} s each:")
     for name, median in report["median"].items():
