@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from fastca.audit.config import AuditConfig
 from fastca.authn.config import AuthnConfig
 from fastca.errors import ConfigurationError
+from fastca.monitoring.config import MonitoringConfig
 from fastca.trust.config import TrustConfig
 
 __all__ = ["CONFIG_FILE", "CAConfig", "write_lifecycle", "resolve_path", "SignerConfig", "IssuanceConfig", "ServerConfig", "PolicyConfig", "RateLimitConfig",
@@ -220,6 +221,7 @@ class CAConfig(BaseSettings):
     audit: AuditConfig = AuditConfig()
     authn: AuthnConfig = AuthnConfig()
     trust: TrustConfig = TrustConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     signers: dict[str, NamedSignerConfig] = {}
 
     @classmethod

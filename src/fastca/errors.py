@@ -9,6 +9,8 @@ detail for logs. Neither ever contains a PIN, key or token.
     ├── InvalidRequest           INVALID_ARGUMENT   bad CSR, bad identity, bad metadata
     │   └── InvalidTTL           INVALID_ARGUMENT   TTL above the maximum
     ├── AuthenticationFailed     UNAUTHENTICATED    no or bad credentials, impersonation denied
+    │   └── FreshCredentialRequired (internal)      risk policy wants the token reviewed again: the
+    │                                               front end re-authenticates without the cache
     ├── AuthenticatorUnavailable UNAVAILABLE        the credential could not be judged (API server or
                                                     issuer down, timed out): retried, never cached
     ├── PolicyDenied             PERMISSION_DENIED  authenticated, but policy forbids it now or from here
@@ -28,6 +30,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTTL",
     "AuthenticationFailed",
+    "FreshCredentialRequired",
     "AuthenticatorUnavailable",
     "PolicyDenied",
     "Overloaded",
@@ -65,6 +68,14 @@ class InvalidTTL(InvalidRequest):
 
 class AuthenticationFailed(FastcaError):
     public_message = "request authenticate failure"
+
+
+class FreshCredentialRequired(AuthenticationFailed):
+    """Admission's answer for a high-risk identity whose signer's risk policy
+    asks for a fresh token while its caller was judged by a cached
+    TokenReview. The front end authenticates the call again without the
+    cache and admits it again; only if that is impossible does a client see
+    it (as the authentication failure it is a subclass of)."""
 
 
 class AuthenticatorUnavailable(FastcaError):

@@ -121,3 +121,12 @@ def check_monitor_columns_tail_and_flags(log: GroupCommitLog, reader: RecordQuer
     assert reader.get(records[2].serial).flags == ("burst", "key_reuse")
     assert [r.serial for r in reader.list(flagged=True)] == [records[2].serial]
     assert reader.list(flagged=True, identity=records[3].identity) == []
+    # A follower's second look at ids it saw skipped; unknown ids are absent.
+    ids = [i for i, _ in tail]
+    assert [(i, r.serial) for i, r in reader.with_ids([ids[3], ids[1], 10**9])] == \
+        [(ids[1], records[1].serial), (ids[3], records[3].serial)]
+    assert reader.with_ids([]) == []
+    # Where to follow from to read everything issued since a time.
+    assert reader.id_before(records[0].issued_at) == ids[0] - 1
+    assert reader.id_before(records[1].issued_at) == ids[1] - 1
+    assert reader.id_before(records[-1].issued_at + dt.timedelta(days=1)) == reader.last_id()

@@ -4,6 +4,7 @@ authentication.k8s.io/v1 API (docs/reliability.md, case 1, 3)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from fastca.authn.config import TokenReviewCluster
 from fastca.authn._rejections import RejectionCache
 from fastca.authn.caller import PENDING
+from fastca.authn.chain import AuthenticatorChain
 from fastca.authn.k8s_tokenreview import TokenReviewAuthenticator, token_expiry
 from fastca.errors import AuthenticationFailed, AuthenticatorUnavailable, grpc_status_of
 from tests.authn._https import FakeHttpsServer, Request, Response
@@ -155,6 +157,44 @@ def test_cache_spares_the_api_server_and_expires(api, tmp_path):
             assert len(api.requests) == 2
             clock.advance(31)                                             # TTL over: asked again
             await auth.authenticate(request(token=first))
+            assert len(api.requests) == 3
+        finally:
+            await auth.aclose()
+
+    run(go)
+
+
+def test_a_fresh_review_bypasses_the_cache_and_says_so(api, tmp_path):
+    """Risk policy's fresh_token: ``fresh=True`` asks the API server even with
+    a cached verdict; a verdict made for the call is ``judged_now``, one from
+    the cache is not; a token revoked since it was cached fails the fresh
+    review, through the chain too."""
+    token = sa_token("risky")
+    api.fake.service_account(token, account="risky")
+
+    async def go():
+        auth = TokenReviewAuthenticator([cluster(api, tmp_path)], trust_domain=TRUST_DOMAIN, cache_ttl=30)
+        chain = AuthenticatorChain([auth])
+        try:
+            reviewed = await auth.authenticate(request(token=token))
+            assert reviewed.judged_now and len(api.requests) == 1
+            cached = await auth.authenticate(request(token=token))
+            assert not cached.judged_now and len(api.requests) == 1
+            assert not chain.authenticate_now(request(token=token)).judged_now
+            fresh = await chain.authenticate(request(token=token), fresh=True)
+            assert fresh.judged_now and fresh.identities == reviewed.identities and len(api.requests) == 2
+            del api.fake.tokens[token]                      # revoked: the cache still says yes...
+            assert chain.authenticate_now(request(token=token)).identities == reviewed.identities
+            memo: dict = {}
+            remembering = dataclasses.replace(request(token=token), connection_cache=memo)
+            assert chain.authenticate_now(remembering) is not None and memo
+            with pytest.raises(AuthenticationFailed):       # ...a fresh review does not
+                await chain.authenticate(request(token=token), fresh=True)
+            assert len(api.requests) == 3
+            # ...and takes the cached acceptance back, on the connection that remembered it too.
+            for again in (request(token=token), remembering):
+                with pytest.raises(AuthenticationFailed):
+                    chain.authenticate_now(again)
             assert len(api.requests) == 3
         finally:
             await auth.aclose()

@@ -5,7 +5,6 @@ within its bound. Time is explicit throughout (no clock is read)."""
 from __future__ import annotations
 
 import heapq
-import hashlib
 import random
 import subprocess
 import sys

@@ -94,12 +94,14 @@ def open_audit_log(config: AuditConfig, state_dir: Path, on_commit: Callable[[in
                           queue_limit=config.queue_limit, on_commit=on_commit)
 
 
-def open_audit_reader(config: AuditConfig, state_dir: Path) -> Union[AuditReader, PostgresAuditReader]:
-    """Read-only access to the audit log ``config`` names; never creates one
-    (ConfigurationError if there is none)."""
+def open_audit_reader(config: AuditConfig, state_dir: Path, *,
+                      writable: bool = False) -> Union[AuditReader, PostgresAuditReader]:
+    """Read access to the audit log ``config`` names (``writable``: also the
+    issuance monitor's ``flag``); never creates one (ConfigurationError if
+    there is none)."""
     if config.database is not None:
         from fastca.audit.postgres_log import PostgresAuditReader
 
         return PostgresAuditReader(config.database, password_file=_password_file(config, state_dir),
                                    connect_timeout=config.connect_timeout_seconds)
-    return AuditReader(audit_path(config, state_dir))
+    return AuditReader(audit_path(config, state_dir), writable=writable)

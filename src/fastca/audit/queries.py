@@ -90,6 +90,26 @@ class RecordQueries(ABC):
                            (int(last_id), max(1, int(limit))))
         return [(int(row[0]), self._record(row[1:])) for row in rows]
 
+    def with_ids(self, ids: Sequence[int]) -> list[tuple[int, IssuanceRecord]]:
+        """The records among ``ids`` that exist, by id: a follower's second
+        look at ids it saw skipped (on PostgreSQL a transaction that took an
+        id earlier can commit later)."""
+        if not ids:
+            return []
+        p = self.placeholder
+        marks = ", ".join([p] * len(ids))
+        rows = self._query(f"SELECT id, {self._columns} FROM {self.table} WHERE id IN ({marks}) ORDER BY id",
+                           [int(i) for i in ids])
+        return [(int(row[0]), self._record(row[1:])) for row in rows]
+
+    def id_before(self, since: dt.datetime) -> int:
+        """The id to follow from (``after``) to read every record issued at
+        or after ``since``; 0 if that is all of them."""
+        rows = self._query(f"SELECT min(id) FROM {self.table} WHERE issued_at >= {self.placeholder}",
+                           (self._time(_aware(since)),))
+        first = rows[0][0] if rows else None
+        return int(first) - 1 if first is not None else self.last_id()
+
     def flag(self, serial: str, signal: str) -> bool:
         """Add ``signal`` to the flags of the certificate ``serial`` (once:
         a replica that flags it again changes nothing); True if it was added."""

@@ -41,6 +41,10 @@ class Caller:
     identities: tuple[str, ...]
     credential_type: str                      # "mtls" | "k8s-tokenreview" | "oidc" | "xfcc" | plug-in name
     kubernetes: KubernetesInfo | None = None
+    # True when an authenticator that remembers verdicts (the TokenReview
+    # cache) judged the credential for this very call, False when the verdict
+    # came from its memory: risk policy's fresh_token asks for the former.
+    judged_now: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,11 @@ class AuthenticatorChain:
             return None
         return self._verdict(outcome, reasons)
 
-    async def authenticate(self, request: RequestInfo) -> Caller:
-        outcome, index, reasons = self._run_now(request, 0, _Reasons())
+    async def authenticate(self, request: RequestInfo, *, fresh: bool = False) -> Caller:
+        """``fresh``: no remembered verdict is used (an authenticator that
+        caches one, ``caches_verdicts``, is asked the slow way): risk policy's
+        fresh_token."""
+        outcome, index, reasons = self._run_now(request, 0, _Reasons(), fresh)
         if outcome is not PENDING:
             return self._verdict(outcome, reasons)
         # Some authenticator has to go to the network: the caller's address
@@ -70,7 +73,7 @@ class AuthenticatorChain:
                              f"backoff, or raise [authn] max_pending_per_peer")
         self._pending[peer] = pending + 1
         try:
-            return await self._slowly(request, outcome, index, reasons)
+            return await self._slowly(request, outcome, index, reasons, fresh)
         finally:
             left = self._pending[peer] - 1
             if left:
@@ -78,14 +81,18 @@ class AuthenticatorChain:
             else:
                 del self._pending[peer]
 
-    async def _slowly(self, request: RequestInfo, outcome: object, index: int, reasons: _Reasons) -> Caller:
+    async def _slowly(self, request: RequestInfo, outcome: object, index: int, reasons: _Reasons,
+                      fresh: bool) -> Caller:
         while True:
             if outcome is not PENDING:
                 return self._verdict(outcome, reasons)
             # This authenticator has to wait: ask it the slow way, then go on.
             authenticator = self.authenticators[index]
             try:
-                caller = await authenticator.authenticate(request)
+                if fresh and getattr(authenticator, "caches_verdicts", False):
+                    caller = await authenticator.authenticate(request, fresh=True)
+                else:
+                    caller = await authenticator.authenticate(request)
             except (AuthenticationFailed, AuthenticatorUnavailable) as exc:
                 reasons.refused(authenticator.name, exc)
                 caller = None
@@ -97,16 +104,16 @@ class AuthenticatorChain:
                 accepted = self._accept(authenticator, caller, reasons)
                 if accepted is not None:
                     return accepted
-            outcome, index, reasons = self._run_now(request, index + 1, reasons)
+            outcome, index, reasons = self._run_now(request, index + 1, reasons, fresh)
 
-    def _run_now(self, request: RequestInfo, start: int,
-                 reasons: _Reasons) -> tuple[Caller | object | None, int, _Reasons]:
+    def _run_now(self, request: RequestInfo, start: int, reasons: _Reasons,
+                 fresh: bool = False) -> tuple[Caller | object | None, int, _Reasons]:
         """Ask authenticators from ``start`` on without awaiting: (a caller,
         or None when all declined, or PENDING; the index reached; reasons)."""
         for index in range(start, len(self.authenticators)):
             authenticator = self.authenticators[index]
             now = getattr(authenticator, "authenticate_now", None)
-            if now is None:
+            if now is None or (fresh and getattr(authenticator, "caches_verdicts", False)):
                 return PENDING, index, reasons
             try:
                 caller = now(request)

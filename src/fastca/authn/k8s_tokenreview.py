@@ -16,6 +16,7 @@ appears in no log, error or repr.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import base64
 import json
 import logging
@@ -65,9 +66,17 @@ _MEMO_KEY = "tokenreview"
 
 
 class TokenReviewCache(ExpiringLru[Caller]):
-    """A bounded LRU of successful reviews: key → (caller, wall-clock expiry)."""
+    """A bounded LRU of successful reviews: key → (caller, wall-clock expiry).
+    ``generation`` moves on whenever a review is taken back (``revoke``): a
+    connection's memo of its last review is good only within one generation."""
 
     key = staticmethod(token_key)
+    generation = 0
+
+    def revoke(self, key: bytes) -> None:
+        """A later review refused this token: forget that an earlier one accepted it."""
+        if self._entries.pop(key, None) is not None:
+            self.generation += 1
 
     def get(self, key: bytes) -> Caller | None:
         entry = self.entry(key)
@@ -88,6 +97,7 @@ class TokenReviewAuthenticator:
     names (empty: the first configured cluster; unknown: failure)."""
 
     name = "tokenreview"
+    caches_verdicts = True      # authenticate(fresh=True) reviews the token again
 
     def __init__(self, clusters: Sequence[TokenReviewCluster], *, trust_domain: str, cache_size: int = 10_000,
                  cache_ttl: float = 30.0, clock: Callable[[], float] = time.time,
@@ -118,7 +128,7 @@ class TokenReviewAuthenticator:
         if memo is not None and header is not None:
             known = memo.get(_MEMO_KEY)
             if known is not None and known[0] == header and known[1] == cluster_header \
-                    and self.cache.live(known[3]):
+                    and self.cache.live(known[3]) and known[4] == self.cache.generation:
                 return known[2]
         token = request.bounded_bearer_token()
         if token is None:
@@ -132,10 +142,12 @@ class TokenReviewAuthenticator:
             self._check_not_rejected(key)
             return PENDING
         if memo is not None:
-            memo[_MEMO_KEY] = (header, cluster_header, entry[0], entry[1])
+            memo[_MEMO_KEY] = (header, cluster_header, entry[0], entry[1], self.cache.generation)
         return entry[0]
 
-    async def authenticate(self, request: RequestInfo) -> Caller | None:
+    async def authenticate(self, request: RequestInfo, *, fresh: bool = False) -> Caller | None:
+        """``fresh``: ask the API server even if a review of this token is
+        cached (the new verdict replaces the cached one)."""
         token = request.bounded_bearer_token()
         if token is None:
             return None
@@ -145,7 +157,7 @@ class TokenReviewAuthenticator:
             raise AuthenticationFailed(f"unknown cluster {cluster_id!r}")
 
         key = TokenReviewCache.key(cluster_id, token)
-        cached = self.cache.get(key)
+        cached = None if fresh else self.cache.get(key)
         if cached is not None:
             return cached
         self._check_not_rejected(key)
@@ -173,11 +185,13 @@ class TokenReviewAuthenticator:
             caller = await self._review(api, token)
         except AuthenticationFailed:
             # The API server's verdict on this token (AuthenticatorUnavailable,
-            # no verdict at all, is not an AuthenticationFailed).
+            # no verdict at all, is not an AuthenticationFailed). A fresh review
+            # that refuses a token the cache still accepts takes that back.
             self.rejections.reject(key)
+            self.cache.revoke(key)
             raise
         self.cache.put(key, caller, token_expiry(token))
-        return caller
+        return dataclasses.replace(caller, judged_now=True)     # the cache keeps the remembered one
 
     async def _review(self, api: KubernetesApi, token: str) -> Caller:
         cluster = api.cluster

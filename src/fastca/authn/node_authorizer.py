@@ -37,6 +37,7 @@ __all__ = [
     "IMPERSONATION_FAILURE",
     "KubernetesPodSource",
     "NodeAuthorizer",
+    "NotOnNode",
     "Pod",
     "PodSource",
     "StaticPodSource",
@@ -45,6 +46,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMPERSONATION_FAILURE = "request impersonation authentication failure"
+
+
+class NotOnNode(AuthenticationFailed):
+    """The one refusal that says something about the caller rather than its
+    credential: a trusted node agent asked for an identity that has no pod on
+    its node. The issuance monitor scores it (node_impersonation)."""
+
+    public_message = IMPERSONATION_FAILURE
+
+    def __init__(self, detail: str, *, caller: str, requested: str, node: str) -> None:
+        super().__init__(f"impersonation denied: {detail}")
+        self.caller = caller
+        self.requested = requested
+        self.node = node
 
 
 @dataclass(frozen=True)
@@ -388,4 +403,6 @@ class NodeAuthorizer:
         for candidate in await self.pod_source.pods_on_node(pod.node_name):
             if candidate.namespace == namespace and candidate.service_account == service_account:
                 return
-        raise _denied(f"no pod of {namespace}/{service_account} on node {pod.node_name}")
+        raise NotOnNode(f"no pod of {namespace}/{service_account} on node {pod.node_name}",
+                        caller=caller.identities[0] if caller.identities else "", requested=requested_identity,
+                        node=pod.node_name)

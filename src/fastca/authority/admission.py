@@ -19,7 +19,9 @@ from fastca.authn.caller import Caller, RequestInfo
 from fastca.authn.node_authorizer import IMPERSONATION_FAILURE, NodeAuthorizer
 from fastca.authority.request import IssueRequest
 from fastca.errors import AuthenticationFailed, InvalidRequest
+from fastca.observability.logging import get_logger
 from fastca.policy.request import RequestPolicy, spiffe_identity_of
+from fastca.policy.risk import RiskPolicy
 
 __all__ = ["Admission", "LocalPrincipal", "SERVER_PRINCIPAL"]
 
@@ -40,27 +42,33 @@ class LocalPrincipal:
 
 SERVER_PRINCIPAL = LocalPrincipal("self", "fastca-server")
 
+log = get_logger("fastca.admission")
+
 
 class Admission:
     name = "admission"
 
     def __init__(self, *, signer: str, trust_domain: str, policy: RequestPolicy,
-                 node_authorizer: NodeAuthorizer | None) -> None:
+                 node_authorizer: NodeAuthorizer | None, risk: RiskPolicy | None = None) -> None:
         self.signer = signer
         self.trust_domain = trust_domain
         self._policy = policy
         self._node_authorizer = node_authorizer
+        self._risk = risk
 
     async def admit(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int,
-                    impersonate: str, request_id: str) -> tuple[IssueRequest, IssuanceContext]:
-        """Identity (own, or impersonated through the node authorizer), then policy."""
+                    impersonate: str, request_id: str,
+                    fresh_credential: bool = False) -> tuple[IssueRequest, IssuanceContext]:
+        """Identity (own, or impersonated through the node authorizer), then
+        policy, then risk policy. ``fresh_credential``: the caller was just
+        authenticated without any cached verdict."""
         if impersonate:
             if self._node_authorizer is None:
                 raise AuthenticationFailed("impersonation requested but no trusted node accounts are configured",
                                            public_message=IMPERSONATION_FAILURE)
             await self._node_authorizer.authorize(caller, impersonate, self.trust_domain)
         return self._decide(caller, info, csr=csr, ttl_seconds=ttl_seconds, impersonate=impersonate,
-                            request_id=request_id)
+                            request_id=request_id, fresh_credential=fresh_credential)
 
     def admit_now(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int,
                   impersonate: str, request_id: str) -> tuple[IssueRequest, IssuanceContext] | None:
@@ -71,10 +79,17 @@ class Admission:
         return self._decide(caller, info, csr=csr, ttl_seconds=ttl_seconds, impersonate="", request_id=request_id)
 
     def _decide(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int, impersonate: str,
-                request_id: str) -> tuple[IssueRequest, IssuanceContext]:
+                request_id: str, fresh_credential: bool = False) -> tuple[IssueRequest, IssuanceContext]:
         identity = impersonate or spiffe_identity_of(caller, self.trust_domain)
         self._policy.check(identity, info.peer_ip)
-        return (IssueRequest(csr=csr, identity=identity, ttl_seconds=ttl_seconds,
+        ttl_cap = None
+        if self._risk is not None:
+            ttl_cap = self._risk.check(identity, caller, fresh_credential=fresh_credential,
+                                       impersonated=bool(impersonate))
+            if ttl_cap is not None or fresh_credential:
+                log.warning("risk policy applied", identity=identity, signer=self.signer, request_id=request_id,
+                            shortened_ttl_seconds=ttl_cap, token_reviewed_again=fresh_credential)
+        return (IssueRequest(csr=csr, identity=identity, ttl_seconds=ttl_seconds, ttl_cap_seconds=ttl_cap,
                              strict_csr=self._policy.strict_csr and not impersonate),
                 IssuanceContext(caller_identities=caller.identities, credential_type=caller.credential_type,
                                 signer=self.signer, peer=info.peer, request_id=request_id,

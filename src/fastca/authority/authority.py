@@ -159,9 +159,9 @@ class Authority:
     # -- remote callers, on the event loop ----------------------------------------
 
     async def admit(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int, impersonate: str,
-                    request_id: str) -> tuple[IssueRequest, IssuanceContext]:
+                    request_id: str, fresh_credential: bool = False) -> tuple[IssueRequest, IssuanceContext]:
         return await self.admission.admit(caller, info, csr=csr, ttl_seconds=ttl_seconds, impersonate=impersonate,
-                                          request_id=request_id)
+                                          request_id=request_id, fresh_credential=fresh_credential)
 
     async def issue(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int, impersonate: str,
                     request_id: str) -> IssuedCertificate:

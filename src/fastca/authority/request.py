@@ -18,6 +18,7 @@ class IssueRequest:
     dns_names: tuple[str, ...] = ()  # only the server's own certificate carries any
     ip_addresses: tuple[bytes, ...] = ()  # 4 or 16 octets; likewise
     strict_csr: bool = False         # the CSR's SANs must be exactly [identity] (istio-csr's rule)
+    ttl_cap_seconds: int | None = None   # risk policy: the certificate lives at most this long
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,8 @@ class ValidityWindow:
             except FastcaError as error:
                 work.fail(error)
                 continue
+            if request.ttl_cap_seconds is not None:
+                not_after = min(not_after, now + request.ttl_cap_seconds)
             # Never backdated before the CA itself was valid.
             not_before = max(not_before, self._valid_from)
             serial = randomness[index * _SERIAL_BYTES:(index + 1) * _SERIAL_BYTES]

@@ -24,8 +24,10 @@ from fastca.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from fastca.audit.postgres_log import PostgresAuditReader
+    from fastca.config import CAConfig
 
-__all__ = ["audit_app", "audit_config", "resolve_audit_path", "parse_when", "parse_duration"]
+__all__ = ["audit_app", "audit_config", "section_config", "resolve_audit_path", "parse_when", "parse_duration",
+           "open_state_audit_reader"]
 
 audit_app = typer.Typer(no_args_is_help=True, help="Read the issuance audit log.")
 _out = Console(emoji=False)
@@ -36,23 +38,28 @@ _DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def audit_config(state: Optional[Path]) -> AuditConfig:
-    """The ``[audit]`` section of a state directory's fastca.toml (if it has
-    one), with ``FASTCA_AUDIT__*`` overrides, as ``fastca serve`` reads it.
-    Only that section is read: a problem elsewhere in the file is not this
-    command's."""
+def section_config(state: Optional[Path], *names: str) -> CAConfig:
+    """A state directory's configuration with only the sections ``names`` of
+    its fastca.toml read (the rest at defaults), with ``FASTCA_*`` overrides,
+    as ``fastca serve`` reads them: a problem elsewhere in the file is not
+    this command's."""
     state_dir = state if state is not None else default_state_dir()
-    section: object = {}
+    sections: dict[str, object] = {}
     config_file = state_dir / CONFIG_FILE
     if config_file.exists():
         try:
             data = tomllib.loads(config_file.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigurationError(f"cannot read {config_file}: {exc}") from None
-        section = data.get("audit", {})
+        sections = {name: data[name] for name in names if name in data}
     from fastca.config import CAConfig
 
-    return CAConfig.from_mapping({"audit": section}, source=str(config_file)).audit
+    return CAConfig.from_mapping(sections, source=str(config_file))
+
+
+def audit_config(state: Optional[Path]) -> AuditConfig:
+    """The ``[audit]`` section of a state directory's fastca.toml (if it has one)."""
+    return section_config(state, "audit").audit
 
 
 def resolve_audit_path(state: Optional[Path]) -> Path:
@@ -85,7 +92,7 @@ def parse_when(text: str, now: dt.datetime | None = None) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
-def _open(state: Optional[Path]) -> AuditReader | PostgresAuditReader:
+def open_state_audit_reader(state: Optional[Path]) -> AuditReader | PostgresAuditReader:
     """The reader of the backend the state's configuration names."""
     state_dir = state if state is not None else default_state_dir()
     config = audit_config(state)
@@ -107,14 +114,15 @@ def list_records(
     since: Optional[str] = typer.Option(None, help="issued at or after: ISO 8601, or 30m / 2h / 7d ago"),
     until: Optional[str] = typer.Option(None, help="issued before: ISO 8601, or a duration ago"),
     limit: int = typer.Option(50, min=1, help="most records to show (newest first)"),
+    flagged: bool = typer.Option(False, "--flagged", help="only certificates the issuance monitor flagged"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Issued certificates, newest first."""
-    reader = _open(state)
+    reader = open_state_audit_reader(state)
     try:
         records = reader.list(limit=limit, identity=identity,
                               since=parse_when(since) if since else None,
-                              until=parse_when(until) if until else None)
+                              until=parse_when(until) if until else None, flagged=flagged)
     finally:
         reader.close()
     if as_json:
@@ -122,13 +130,20 @@ def list_records(
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(records)} issued certificate(s), newest first")
-    for column in ("issued at", "serial", "identity", "key", "not after", "signer", "caller"):
+    kind = "flagged" if flagged else "issued"
+    table = Table(title=f"{len(records)} {kind} certificate(s), newest first")
+    columns = ["issued at", "serial", "identity", "key", "not after", "signer", "caller"]
+    if flagged:
+        columns.append("flags")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for record in records:
         caller = ", ".join(record.caller_identities) + (" (impersonated)" if record.impersonated else "")
-        table.add_row(_short_time(record.issued_at), record.serial, record.identity, record.key_type,
-                      _short_time(record.not_after), record.signer, caller)
+        row = [_short_time(record.issued_at), record.serial, record.identity, record.key_type,
+               _short_time(record.not_after), record.signer, caller]
+        if flagged:
+            row.append(", ".join(record.flags))
+        table.add_row(*row)
     _out.print(table)
 
 
@@ -143,7 +158,7 @@ def show(
         wanted = normalize_serial(serial)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
-    reader = _open(state)
+    reader = open_state_audit_reader(state)
     try:
         record: IssuanceRecord | None = reader.get(wanted)
     finally:

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from fastca.ca.state import default_state_dir
 from fastca.config import IssuanceConfig
-from fastca.cli import inspect_cmd
+from fastca.cli import inspect_cmd, risk_cmd
 from fastca.cli.audit_cmd import audit_app
 from fastca.cli.ca_cmd import ca_app
 from fastca.errors import ConfigurationError, FastcaError
@@ -30,6 +30,7 @@ hsm_app = typer.Typer(no_args_is_help=True, help="Look at PKCS#11 modules and to
 app.add_typer(hsm_app, name="hsm")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ca_app, name="ca")
+app.command("risk")(risk_cmd.risk)
 err = Console(stderr=True, emoji=False, soft_wrap=True)
 out = Console(emoji=False)
 

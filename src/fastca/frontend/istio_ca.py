@@ -19,19 +19,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 
 from fastca.audit.record import IssuanceContext, IssuanceRecord
 from fastca.authn.caller import Caller, RequestInfo
 from fastca.authn.chain import AuthenticatorChain
+from fastca.authn.node_authorizer import NotOnNode
 from fastca.authority import Authorities, Authority, IssueRequest, Outcome
 from fastca.errors import (
     AuthenticationFailed,
     CANotReady,
     CANotValid,
     FastcaError,
+    FreshCredentialRequired,
     InvalidRequest,
     InvalidTTL,
     Overloaded,
@@ -40,8 +42,12 @@ from fastca.errors import (
 )
 from fastca.frontend._grpc import INTERNAL, RESOURCE_EXHAUSTED, Call
 from fastca.frontend.context import request_info
+from fastca.monitoring.follower import bare_peer_ip
 from fastca.observability.logging import get_logger, log_many, new_request_id
 from fastca.proto import istio_ca_pb2
+
+if TYPE_CHECKING:
+    from fastca.monitoring.service import MonitoringService
 
 __all__ = ["SERVICE", "METHOD", "CreateCertificate", "IssuanceService", "log_recorded", "metadata_strings",
            "STATUS_CODES"]
@@ -123,10 +129,11 @@ class IssuanceService:
     Istio method (one request per call) and the bulk method (many)."""
 
     def __init__(self, *, authenticators: AuthenticatorChain, authorities: Authorities, metrics: Any,
-                 endpoint: Any = None) -> None:
+                 endpoint: Any = None, monitoring: MonitoringService | None = None) -> None:
         self.authenticators = authenticators
         self.authorities = authorities
         self.metrics = metrics
+        self.monitoring = monitoring      # told of refusals (impersonation off-node, failed authentication)
         self.endpoint = endpoint          # set by the front end: counts refused authentication per connection
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -139,13 +146,25 @@ class IssuanceService:
 
     async def admit(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
                     request_id: str) -> tuple[Authority, IssueRequest, IssuanceContext]:
-        """The Authority the request's CertSigner names, and its admission verdict."""
+        """The Authority the request's CertSigner names, and its admission
+        verdict. When risk policy wants the caller's token reviewed again, it
+        is (bypassing the TokenReview cache) and the request admitted again."""
         metadata = metadata_strings(request.metadata)
         authority = self.authorities.select(metadata.get(CERT_SIGNER, ""))
-        issue_request, context = await authority.admit(
-            caller, info, csr=request.csr.encode(), ttl_seconds=request.validity_duration,
-            impersonate=metadata.get(IMPERSONATED_IDENTITY, ""), request_id=request_id)
-        return authority, issue_request, context
+        fresh = False
+        while True:
+            try:
+                issue_request, context = await authority.admit(
+                    caller, info, csr=request.csr.encode(), ttl_seconds=request.validity_duration,
+                    impersonate=metadata.get(IMPERSONATED_IDENTITY, ""), request_id=request_id,
+                    fresh_credential=fresh)
+            except FreshCredentialRequired:
+                if fresh:
+                    raise
+                caller = await self.authenticators.authenticate(info, fresh=True)
+                fresh = True
+                continue
+            return authority, issue_request, context
 
     def issued(self, seconds: float, count: int = 1) -> None:
         self.metrics.issued(count)
@@ -159,6 +178,12 @@ class IssuanceService:
             self.metrics.authentication_failed(type(error).__name__)
             if call is not None and self.endpoint is not None:
                 self.endpoint.authentication_refused(call)
+            if self.monitoring is not None and call is not None:
+                peer = bare_peer_ip(call.connection.peer)
+                if isinstance(error, NotOnNode):
+                    self.monitoring.refused_impersonation(error.caller, error.requested, peer, error.node)
+                else:
+                    self.monitoring.authentication_failed(peer)
         kind = _sign_error_kind(error)
         if kind is not None:
             self.metrics.sign_error(kind)
@@ -215,9 +240,12 @@ class CreateCertificate:
                info: RequestInfo, request_id: str) -> None:
         metadata = metadata_strings(request.metadata)
         authority = self._service.authorities.select(metadata.get(CERT_SIGNER, ""))
-        admitted = authority.admission.admit_now(
-            caller, info, csr=request.csr.encode(), ttl_seconds=request.validity_duration,
-            impersonate=metadata.get(IMPERSONATED_IDENTITY, ""), request_id=request_id)
+        try:
+            admitted = authority.admission.admit_now(
+                caller, info, csr=request.csr.encode(), ttl_seconds=request.validity_duration,
+                impersonate=metadata.get(IMPERSONATED_IDENTITY, ""), request_id=request_id)
+        except FreshCredentialRequired:    # risk policy: the token is reviewed again, which awaits
+            admitted = None
         if admitted is None:           # impersonation: the node authorizer decides, asynchronously
             self._service.spawn(call, self._slowly(call, request, info, request_id, caller))
             return

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fastca.audit.config import open_audit_log
+from fastca.audit.config import open_audit_log, open_audit_reader
 from fastca.authn.chain import AuthenticatorChain
 from fastca.authn.config import build_authenticators, build_node_authorizer
 from fastca.authn.node_authorizer import NodeAuthorizer
@@ -45,9 +45,12 @@ from fastca.frontend.native import Endpoint, Listener, bind_socket, server_tls_c
 from fastca.frontend.reflection import REFLECTION_SERVICE, ServerReflection
 from fastca.frontend.serving_cert import ServingCertificate
 from fastca.frontend.trust_bundle import TRUST_BUNDLE_METHOD, TRUST_BUNDLE_SERVICE, GetTrustBundle
+from fastca.monitoring import SIGNALS, MonitoringConfig
+from fastca.monitoring.service import MonitoringService
 from fastca.observability.logging import get_logger
 from fastca.observability.metrics import Metrics
 from fastca.policy.request import RequestPolicy
+from fastca.policy.risk import RiskPolicy
 from fastca.trust.bundle import TrustBundle
 
 if TYPE_CHECKING:
@@ -100,7 +103,7 @@ class CAServer:
                  executor: ThreadPoolExecutor, clock: Clock = SYSTEM_CLOCK,
                  trust_publisher: KubernetesTrustPublisher | None = None,
                  peer_sync: PeerSync | None = None, state_dirs: dict[str, Path] | None = None,
-                 client_trust: ClientTrust | None = None) -> None:
+                 client_trust: ClientTrust | None = None, monitoring: MonitoringService | None = None) -> None:
         self._config = config
         self.authorities = authorities
         self._authenticators = authenticators
@@ -131,6 +134,13 @@ class CAServer:
         if trust_publisher is not None:
             self.trust_bundles[authorities.default.name].subscribe(trust_publisher.set_bundle)
         self.peer_sync = peer_sync
+        # The issuance monitor following the audit log ([monitoring]); its scores feed risk policy.
+        self.monitoring = monitoring
+        if monitoring is not None:
+            monitor = monitoring.monitor
+            metrics.track_monitoring(top=lambda: next((score for _, score, _ in monitor.top(1)), 0.0),
+                                     high_risk=monitor.high_risk_count,
+                                     tracked=lambda: monitor.tracked_identities, signals=SIGNALS)
         default = authorities.default.material
         self.client_trust = client_trust or ClientTrust(default.roots, (default.signing_cert, *default.intermediates))
         self._tls_contexts: list[Any] = []
@@ -140,10 +150,13 @@ class CAServer:
                           for authority in authorities if state_dirs and authority.name in state_dirs]
 
     @classmethod
-    def from_state(cls, state_dir: Path, config: CAConfig, clock: Clock = SYSTEM_CLOCK) -> CAServer:
+    def from_state(cls, state_dir: Path, config: CAConfig, clock: Clock = SYSTEM_CLOCK, *,
+                   reports_alerts: bool = True) -> CAServer:
         """The composition root: load the state directory's CA (the default
         signer) and every named signer as Authorities, and build the
-        collaborators the configuration asks for, all on one clock."""
+        collaborators the configuration asks for, all on one clock.
+        ``reports_alerts``: this process reports the issuance monitor's alerts
+        (one worker per server does)."""
         metrics = Metrics()
         executor = ThreadPoolExecutor(max_workers=_ISSUE_THREADS, thread_name_prefix="issue")
         sources = {DEFAULT_SIGNER: state_dir}
@@ -151,18 +164,28 @@ class CAServer:
             if name == DEFAULT_SIGNER:
                 raise ConfigurationError(f"signer name {DEFAULT_SIGNER!r} is reserved for the state directory's CA")
             sources[name] = resolve_path(state_dir, named.state_dir)
+        unknown = sorted(set(config.monitoring.policy) - set(sources))
+        if unknown:
+            raise ConfigurationError(f"[monitoring.policy] names no configured signer: {', '.join(unknown)} "
+                                     f"(the signers are {', '.join(sorted(sources))})")
         loaded: list[Authority] = []
         audit = None
         node_authorizer = None
         peer_sync = None
+        monitoring = None
         try:
             audit = open_audit_log(config.audit, state_dir, on_commit=metrics.audit_committed)
+            if config.monitoring.enabled:
+                monitoring = MonitoringService(
+                    config.monitoring, lambda: open_audit_reader(config.audit, state_dir, writable=True),
+                    clock=clock, reports=reports_alerts, metrics=metrics)
             node_authorizer = build_node_authorizer(config.authn, trust_domain=config.trust_domain,
                                                     base_dir=state_dir)
             policy = RequestPolicy(config.policy, clock=clock)
             for name, directory in sources.items():
                 admission = Admission(signer=name, trust_domain=config.trust_domain, policy=policy,
-                                      node_authorizer=node_authorizer)
+                                      node_authorizer=node_authorizer,
+                                      risk=_risk_policy(config.monitoring, name, monitoring))
                 loaded.append(load_authority(
                     name, directory, admission=admission, audit=audit, clock=clock,
                     issuance=config.issuance if name == DEFAULT_SIGNER else None, server=config.server,
@@ -195,7 +218,7 @@ class CAServer:
                                                        base_dir=state_dir)
         return cls(config, authorities=authorities, authenticators=authenticators, node_authorizer=node_authorizer,
                    audit=audit, metrics=metrics, executor=executor, clock=clock, trust_publisher=trust_publisher,
-                   peer_sync=peer_sync, state_dirs=sources, client_trust=client_trust)
+                   peer_sync=peer_sync, state_dirs=sources, client_trust=client_trust, monitoring=monitoring)
 
     # -- start -------------------------------------------------------------------
 
@@ -235,8 +258,10 @@ class CAServer:
             await self.peer_sync.sync_once()
             self._tasks.append(asyncio.create_task(self.peer_sync.run(), name="trust-peer-sync"))
         loop = asyncio.get_running_loop()
+        if self.monitoring is not None:
+            self.monitoring.start()
         issuance = IssuanceService(authenticators=self._authenticators, authorities=self.authorities,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, monitoring=self.monitoring)
         routes = self._routes(issuance)
         limits = Limits(max_message_bytes=server.max_receive_message_bytes,
                         max_concurrent_streams=server.max_concurrent_streams,
@@ -413,6 +438,8 @@ class CAServer:
         for listener in self._listeners:
             await listener.close()
         await self.authorities.drain()
+        if self.monitoring is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.monitoring.stop)
         await self._audit.aclose()
         await self._authenticators.aclose()
         if self._node_authorizer is not None:
@@ -504,6 +531,15 @@ class _Bounded:
 
     def half_close(self, call: Call) -> None:
         self._handler.half_close(call)
+
+
+def _risk_policy(config: MonitoringConfig, signer: str, monitoring: MonitoringService | None) -> RiskPolicy | None:
+    rule = config.policy.get(signer)
+    threshold = config.threshold_for(signer)
+    if rule is None or monitoring is None or threshold is None:
+        return None
+    return RiskPolicy(monitoring.monitor, threshold=threshold, actions=rule.actions,
+                      shortened_ttl_seconds=rule.shortened_ttl_seconds)
 
 
 def freeze_startup_heap() -> int:

@@ -65,7 +65,8 @@ def _worker_main(state_dir: str, config_data: dict[str, Any], index: int, ready:
     config = CAConfig.from_mapping(config_data, source="worker configuration")
 
     async def run() -> None:
-        server = CAServer.from_state(Path(state_dir), config)
+        # One worker reports the issuance monitor's alerts; every one keeps the scores.
+        server = CAServer.from_state(Path(state_dir), config, reports_alerts=index == 0)
         # Each attempt while the HSM is awaited tells the supervisor this
         # worker is alive and why it is not serving yet.
         await server.run_until_signalled(on_waiting=lambda reason: ready.put((index, None, reason)),

@@ -6,6 +6,8 @@ watches, how hard each signal counts, and how much memory it may use.
     learning_seconds = 86400          # quiet for a day after start: every workload renews once first
     half_life_seconds = 3600
     alert_threshold = 50
+    [monitoring.policy.default]       # opt-in, per signer: what to do with a high-risk identity
+    actions = ["fresh_token", "shorten_ttl"]
     [monitoring.weights]              # only the ones you change; 0 switches a signal off
     new_node = 5
     fan_out = 40
@@ -15,9 +17,11 @@ docs/monitoring.md explains every signal, its rule, its weight and the decay.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["MonitoringConfig", "SIGNALS", "SCORED_SIGNALS", "DEFAULT_WEIGHTS"]
+__all__ = ["MonitoringConfig", "RiskPolicyConfig", "RISK_ACTIONS", "SIGNALS", "SCORED_SIGNALS", "DEFAULT_WEIGHTS"]
 
 # The signals, in the order they are checked. They are metric label values:
 # this tuple is the whole, bounded set.
@@ -47,10 +51,47 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+RISK_ACTIONS = ("shorten_ttl", "fresh_token", "refuse")
+
+
+class RiskPolicyConfig(_Section):
+    """What a signer does for an identity whose risk score is at or above
+    ``threshold`` (``[monitoring.policy.<signer>]``; "default" is the state
+    directory's own CA). Without a table for a signer, monitoring only
+    watches that signer's certificates."""
+
+    # Any of: "shorten_ttl" (certificates of at most shortened_ttl_seconds),
+    # "fresh_token" (a Kubernetes token is reviewed again, never taken from the
+    # TokenReview cache), "refuse" (PERMISSION_DENIED; the others are moot then).
+    actions: list[Literal["shorten_ttl", "fresh_token", "refuse"]] = Field(min_length=1)
+    # Unset: [monitoring] alert_threshold.
+    threshold: float | None = Field(None, gt=0)
+    shortened_ttl_seconds: int = Field(3600, ge=60)
+
+    @field_validator("actions")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return sorted(set(value), key=RISK_ACTIONS.index)
+
+
 class MonitoringConfig(_Section):
     # Off by default: the tracker costs memory (bounded below) and a few µs
     # per issued certificate, and it changes nothing unless policy reads it.
     enabled: bool = False
+
+    # --- following the audit log
+    # How often each server process reads what was recorded since its last
+    # read: an alert (and a policy action) follows its certificate within
+    # about this long.
+    poll_seconds: float = Field(1.0, gt=0, le=60)
+    # At start, the recent log is read again (scored, not reported) so a
+    # restarted process knows the mesh: this far back (0: not at all)...
+    replay_seconds: float = Field(86_400.0, ge=0)
+    # ...and never more records than this (a start-up cost: ~20 µs each).
+    replay_max_records: int = Field(1_000_000, ge=0)
+
+    # --- acting on the score, per signer name
+    policy: dict[str, RiskPolicyConfig] = {}
 
     # --- memory bounds (every map is an LRU; an entry evicted and seen again counts as new)
     # Per-identity history (baselines, networks, nodes, TTL norm); also bounds the
@@ -170,4 +211,17 @@ class MonitoringConfig(_Section):
         if self.alert_threshold > self.score_cap:
             raise ValueError(f"alert_threshold ({self.alert_threshold}) is above score_cap ({self.score_cap}): "
                              "no identity could ever be high-risk")
+        for signer, rule in self.policy.items():
+            if rule.threshold is not None and rule.threshold > self.score_cap:
+                raise ValueError(f"policy.{signer}.threshold ({rule.threshold}) is above score_cap "
+                                 f"({self.score_cap}): it could never act")
+        if self.policy and not self.enabled:
+            raise ValueError("[monitoring.policy] acts on risk scores: set [monitoring] enabled = true")
         return self
+
+    def threshold_for(self, signer: str) -> float | None:
+        """The score at which ``signer``'s policy acts; None: it has none."""
+        rule = self.policy.get(signer)
+        if rule is None:
+            return None
+        return rule.threshold if rule.threshold is not None else self.alert_threshold

@@ -252,6 +252,17 @@ class IssuanceMonitor:
         return [(subject, value, tuple(signal for _, signal, _, _ in reversed(recent)))
                 for value, subject, recent in best]
 
+    def high_risk_count(self, at: float | None = None) -> int:
+        """Scored subjects at or above the threshold now. O(scored subjects):
+        for a scrape, never per request."""
+        if at is None:
+            at = self._clock.now()
+        with self._lock:
+            states = [entry.state for entry in self._risk.values()]
+        decay, threshold = self._decay, self._threshold
+        return sum(1 for value, since in states
+                   if value >= threshold and value * _exp(min(0.0, since - at) * decay) >= threshold)
+
     @property
     def tracked_identities(self) -> int:
         return len(self._identities)
@@ -405,14 +416,12 @@ class IssuanceMonitor:
             st = identities[identity] = _Identity(identity, at, obs.ttl_seconds)
             if len(identities) > c.max_identities:
                 identities.popitem(last=False)
-            fresh = True
             established = False
             st.short = st.long = 1.0
             if learned and w["new_identity"]:
                 alerts = self._raise(alerts, "new_identity", identity, obs, "first certificate for this identity")
         else:
             identities.move_to_end(identity)
-            fresh = False
             age = at - st.first
             established = learned and age >= min(c.identity_history_ttl_fraction * st.ttl_norm,
                                                  c.identity_history_max_seconds)
@@ -502,8 +511,9 @@ class IssuanceMonitor:
             alerts = self._raise(alerts, "new_network", identity, obs,
                                  f"first certificate from network {_network_text(new_net)}")
 
-        # key_reuse: one public key, several identities
-        if w["key_reuse"]:
+        # key_reuse: one public key, several identities (no hash: a record of a
+        # version 1 audit log, which kept none)
+        if w["key_reuse"] and obs.spki_sha256:
             keys = self._keys
             spki = obs.spki_sha256
             owners = keys.get(spki)
@@ -525,7 +535,7 @@ class IssuanceMonitor:
                                          f"identities before, last {owners[-1]}")
 
         # csr_replay: the same CSR bytes again (alerting once per CSR)
-        if w["csr_replay"]:
+        if w["csr_replay"] and obs.csr_sha256:
             csrs = self._csrs
             digest = obs.csr_sha256
             replayed = csrs.get(digest)

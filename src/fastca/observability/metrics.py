@@ -235,6 +235,18 @@ class Metrics:
         self._bundle_certificates = Gauge("fastca_trust_bundle_certificates",
                                           "Certificates in a signer's trust bundle (own roots and peers').",
                                           ["signer"], registry=inner)
+        self._monitoring_alerts = Counter("fastca_monitoring_alerts",
+                                          "Issuance-monitoring alerts raised, by signal (a fixed set of names).",
+                                          ["signal"], registry=inner)
+        self._monitoring_top = Gauge("fastca_monitoring_top_risk_score",
+                                     "The highest risk score of any identity now (which one: `fastca risk`).",
+                                     registry=inner)
+        self._monitoring_high = Gauge("fastca_monitoring_high_risk_identities",
+                                      "Identities (and node callers) at or above the alert threshold now.",
+                                      registry=inner)
+        self._monitoring_tracked = Gauge("fastca_monitoring_tracked_identities",
+                                         "Identities the issuance monitor keeps history for (bounded by "
+                                         "[monitoring] max_identities).", registry=inner)
         self.registry.register(_WithoutCreated(inner))
         self.registry.register(_CallCollector(self))
         self.registry.register(_CitadelCollector(self))
@@ -305,6 +317,20 @@ class Metrics:
     def audit_committed(self, records: int, seconds: float) -> None:
         """Shaped as SqliteAuditLog's ``on_commit`` callback."""
         self._audit_commit.observe(seconds)
+
+    # -- issuance monitoring ---------------------------------------------------
+
+    def monitoring_alert(self, signal: str) -> None:
+        self._monitoring_alerts.labels(_label(signal)).inc()
+
+    def track_monitoring(self, top: Callable[[], float], high_risk: Callable[[], int],
+                         tracked: Callable[[], int], signals: Sequence[str]) -> None:
+        """Read the monitor when scraped; every signal's counter starts at 0."""
+        self._monitoring_top.set_function(top)
+        self._monitoring_high.set_function(high_risk)
+        self._monitoring_tracked.set_function(tracked)
+        for signal in signals:
+            self._monitoring_alerts.labels(_label(signal))
 
     # -- CA lifecycle --------------------------------------------------------
 

@@ -1,0 +1,113 @@
+"""Reading the audit log as the issuance monitor sees it: a cursor that
+follows the log in id order without losing a record that commits late, and
+the mapping from an audit record to an ``Observation``.
+
+The monitor reads the log, not the request path, so every worker of a
+server and every replica on a shared PostgreSQL log sees every certificate,
+and the request path pays nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from fastca.audit.record import IssuanceRecord
+from fastca.monitoring.tracker import Observation
+
+__all__ = ["LogCursor", "LogSource", "observation_of", "bare_peer_ip", "monitored"]
+
+# The server's own serving certificate is no workload's: every worker issues
+# one at start and renews it, which says nothing about the mesh.
+_UNMONITORED_CREDENTIALS = frozenset({"self"})
+
+
+def monitored(record: IssuanceRecord) -> bool:
+    return record.credential_type not in _UNMONITORED_CREDENTIALS
+
+
+class LogSource(Protocol):
+    """What the cursor needs of an audit reader (fastca.audit.queries.RecordQueries)."""
+
+    def after(self, last_id: int, limit: int = ...) -> list[tuple[int, IssuanceRecord]]: ...
+
+    def with_ids(self, ids: list[int]) -> list[tuple[int, IssuanceRecord]]: ...
+
+
+class LogCursor:
+    """Records after ``start_id``, each exactly once, oldest id first.
+
+    SQLite hands out ids in commit order. PostgreSQL does not: a transaction
+    that took id 10 may commit after one that took id 11. So an id skipped
+    on the way is remembered and looked up again on every read for
+    ``gap_seconds`` (long enough for any audit transaction to commit; a gap
+    still open then was a rolled-back insert, which never appears). At most
+    ``max_gaps`` are remembered; beyond that the oldest are given up."""
+
+    def __init__(self, source: LogSource, start_id: int, *, clock: Callable[[], float],
+                 gap_seconds: float = 30.0, max_gaps: int = 10_000) -> None:
+        self._source = source
+        self.last_id = start_id
+        self._clock = clock
+        self._gap_seconds = gap_seconds
+        self._max_gaps = max_gaps
+        self._gaps: dict[int, float] = {}       # skipped id -> when it was first seen missing
+
+    @property
+    def open_gaps(self) -> int:
+        return len(self._gaps)
+
+    def read(self, limit: int = 2000, until_id: int | None = None) -> list[tuple[int, IssuanceRecord]]:
+        """The records not returned yet, up to ``until_id`` if given (the
+        rest stays for the next read)."""
+        now = self._clock()
+        found: list[tuple[int, IssuanceRecord]] = []
+        if self._gaps:
+            for key, _record in (late := self._source.with_ids(sorted(self._gaps))):
+                del self._gaps[key]
+            found.extend(late)
+            for key in [key for key, since in self._gaps.items() if now - since > self._gap_seconds]:
+                del self._gaps[key]
+        rows = self._source.after(self.last_id, limit)
+        for key, record in rows:
+            if until_id is not None and key > until_id:
+                break
+            if key > self.last_id + 1:
+                for missing in range(max(self.last_id + 1, key - self._max_gaps), key):
+                    self._gaps[missing] = now
+            self.last_id = key
+            found.append((key, record))
+        while len(self._gaps) > self._max_gaps:
+            del self._gaps[next(iter(self._gaps))]
+        return found
+
+
+def bare_peer_ip(peer: str) -> str:
+    """'ipv4:10.1.2.3:5000' -> '10.1.2.3', 'ipv6:[fd00::1]:5000' -> 'fd00::1';
+    '' for anything else ('local', a unix socket)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        host = rest.rpartition(":")[0]
+        if host.startswith("%5B") or host.startswith("%5b"):       # percent-encoded brackets
+            host = "[" + host[3:-3] + "]"
+        return host.strip("[]")
+    return ""
+
+
+def observation_of(record: IssuanceRecord) -> Observation:
+    """What the tracker is told of a recorded certificate. The node is not in
+    the audit record, so the location signals work on the source network."""
+    return Observation(
+        at=record.issued_at.timestamp(),
+        identity=record.identity,
+        caller=record.caller_identities[0] if record.caller_identities else "",
+        impersonated=record.impersonated,
+        node="",
+        peer_ip=bare_peer_ip(record.peer),
+        spki_sha256=bytes.fromhex(record.spki_sha256),
+        csr_sha256=bytes.fromhex(record.csr_sha256),
+        ttl_seconds=int((record.not_after - record.not_before).total_seconds()),
+        serial=record.serial,
+    )

@@ -1,0 +1,219 @@
+"""The issuance monitor running beside a server: one thread follows the
+audit log into an ``IssuanceMonitor`` and reports what it raises.
+
+Every server process runs one, so each has every identity's score at hand
+for policy (a read without a lock) without asking anyone: the scores are
+derived from the log, which all workers, and all replicas on a shared
+PostgreSQL log, write to. One process per server reports (``reports``):
+the alert counter, one structured log line per alert and the flag on the
+audit record that raised it. Refusals (an impersonation the node authorizer
+denied, failed authentication) never reach the log; the process that
+refused reports them itself.
+
+At start the thread first replays the recent log (``replay_seconds``, at
+most ``replay_max_records``) without reporting, so a restarted process
+knows the mesh again and policy sees the same scores in every worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from fastca.audit.queries import RecordQueries
+from fastca.clock import SYSTEM_CLOCK, Clock
+from fastca.errors import FastcaError
+from fastca.monitoring.config import MonitoringConfig
+from fastca.monitoring.follower import LogCursor, monitored, observation_of
+from fastca.monitoring.tracker import Alert, IssuanceMonitor
+from fastca.observability.logging import get_logger
+
+__all__ = ["MonitoringService", "AlertSink"]
+
+log = get_logger("fastca.monitoring")
+
+_READ_LIMIT = 2000
+_MAX_PENDING_REFUSALS = 10_000
+
+
+class AlertSink(Protocol):
+    """Where reported alerts are counted (fastca.observability.metrics.Metrics)."""
+
+    def monitoring_alert(self, signal: str) -> None: ...
+
+
+class MonitoringService:
+    """``open_reader()`` opens a writable audit reader (it may raise
+    FastcaError while the database is away: retried every poll)."""
+
+    def __init__(self, config: MonitoringConfig, open_reader: Callable[[], RecordQueries], *,
+                 clock: Clock = SYSTEM_CLOCK, reports: bool = True, metrics: AlertSink | None = None,
+                 on_alert: Callable[[Alert], None] | None = None) -> None:
+        self.config = config
+        self.monitor = IssuanceMonitor(config, clock=clock)
+        self._open_reader = open_reader
+        self._clock = clock
+        self.reports = reports
+        self._metrics = metrics
+        self._on_alert = on_alert
+        self._reader: RecordQueries | None = None
+        self._cursor: LogCursor | None = None
+        self._refusals: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=_MAX_PENDING_REFUSALS)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._down_since: float | None = None
+        self.replayed = threading.Event()        # set once the start-up replay is done
+        self.records_seen = 0
+
+    # -- the request path (event loop): cheap, never blocks
+
+    def high_risk(self, identity: str) -> bool:
+        return self.monitor.high_risk(identity)
+
+    def score(self, identity: str) -> float:
+        return self.monitor.score(identity)
+
+    def refused_impersonation(self, caller: str, identity: str, peer_ip: str, node: str) -> None:
+        self._refusals.append(("node_impersonation", self._clock.now(), caller, identity, peer_ip, node))
+
+    def authentication_failed(self, peer_ip: str) -> None:
+        if peer_ip:
+            self._refusals.append(("auth_failure", self._clock.now(), peer_ip))
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fastca-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._reader is not None:
+            close = getattr(self._reader, "close", None)
+            if close is not None:
+                close()
+
+    def poll_now(self) -> None:
+        """Read the log now rather than at the next poll (tests, shutdown)."""
+        self._wake.set()
+
+    # -- the monitoring thread
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except FastcaError as error:
+                self._lost(error)
+            except Exception:       # a bug here must not end monitoring for the process's life
+                log.exception("issuance monitor step failed")
+            self._wake.wait(self.config.poll_seconds)
+            self._wake.clear()
+
+    def _step(self) -> None:
+        if self._cursor is None:
+            self._reader = self._open_reader()
+            self._cursor = self._replay(self._reader)
+            self.replayed.set()
+            if self._down_since is not None:
+                log.info("issuance monitor reading the audit log again")
+                self._down_since = None
+        self._drain_refusals()
+        while True:
+            rows = self._cursor.read(_READ_LIMIT)
+            self._observe(rows, report=self.reports)
+            if len(rows) < _READ_LIMIT or self._stop.is_set():
+                break
+
+    def _replay(self, reader: RecordQueries) -> LogCursor:
+        """A cursor at the end of the log, with the recent past already seen
+        (reported when it happened, by whoever ran then: only scored now)."""
+        cursor, replayed = replay_recent(self.monitor, reader, self.config, self._clock.now,
+                                         stop=self._stop.is_set)
+        self.records_seen += replayed
+        if replayed:
+            log.info("issuance monitor replayed the recent audit log", records=replayed,
+                     tracked_identities=self.monitor.tracked_identities)
+        return cursor
+
+    def _observe(self, rows: list[tuple[int, Any]], *, report: bool) -> None:
+        for alert in observe_rows(self.monitor, rows):
+            if report:
+                self._report(alert)
+        self.records_seen += len(rows)
+
+    def _drain_refusals(self) -> None:
+        monitor = self.monitor
+        while self._refusals:
+            item = self._refusals.popleft()
+            if item[0] == "node_impersonation":
+                _, at, caller, identity, peer_ip, node = item
+                alerts = monitor.observe_refused(at, caller, identity, peer_ip, "node_impersonation", node=node)
+            else:
+                alerts = monitor.observe_auth_failure(item[1], item[2])
+            for alert in alerts:
+                self._report(alert)
+
+    def _report(self, alert: Alert) -> None:
+        if self._metrics is not None:
+            self._metrics.monitoring_alert(alert.signal)
+        log.warning("issuance alert", signal=alert.signal, subject=alert.identity, caller=alert.caller,
+                    serial=alert.serial, score=round(alert.score, 1), detail=alert.detail)
+        if alert.serial and self._reader is not None:
+            try:
+                self._reader.flag(alert.serial, alert.signal)
+            except FastcaError as error:
+                log.error("could not flag the audit record", serial=alert.serial, signal=alert.signal,
+                          reason=str(error))
+        if self._on_alert is not None:
+            self._on_alert(alert)
+
+    def _lost(self, error: FastcaError) -> None:
+        now = self._clock.now()
+        if self._down_since is None:
+            self._down_since = now
+            log.error("issuance monitor cannot read the audit log; retrying", reason=str(error))
+        if self._cursor is None and self._reader is not None:
+            close = getattr(self._reader, "close", None)
+            if close is not None:
+                close()
+            self._reader = None
+
+
+def observe_rows(monitor: IssuanceMonitor, rows: list[tuple[int, Any]]) -> list[Alert]:
+    """Feed (id, record) rows to ``monitor``; the alerts they raised."""
+    observe = monitor.observe_issued
+    raised: list[Alert] = []
+    for _key, record in rows:
+        if monitored(record):
+            alerts = observe(observation_of(record))
+            if alerts:
+                raised.extend(alerts)
+    return raised
+
+
+def replay_recent(monitor: IssuanceMonitor, reader: RecordQueries, config: MonitoringConfig,
+                  clock: Callable[[], float], *, stop: Callable[[], bool] = lambda: False) -> tuple[LogCursor, int]:
+    """Score the last ``replay_seconds`` of the log (at most
+    ``replay_max_records``) into ``monitor``; (a cursor at the end of what
+    was read, records read). What a server process does at start and what
+    ``fastca risk`` shows."""
+    end = reader.last_id()
+    since = dt.datetime.fromtimestamp(clock() - config.replay_seconds, dt.timezone.utc)
+    start = max(reader.id_before(since), end - config.replay_max_records) if config.replay_seconds else end
+    cursor = LogCursor(reader, start, clock=clock)
+    replayed = 0
+    while cursor.last_id < end and not stop():
+        rows = cursor.read(_READ_LIMIT, until_id=end)
+        if not rows:
+            break
+        observe_rows(monitor, rows)
+        replayed += len(rows)
+    return cursor, replayed
