@@ -14,30 +14,25 @@ configuration, so the whole story takes about a minute of real time."""
 from __future__ import annotations
 
 import json
-import re
-import socket
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fastca.ca.softhsm import find_softhsm_module
 from fastca.monitoring import SIGNALS
 from tests.conftest import run_fastca
 from tests.frontend.agent_client import AgentClient
+from tests.monitoring._traffic import (TD, Relay, alert_counts, csr_for, gauge, issuer_key, lifetime, serial_of,
+                                       spiffe, token)
 from tests.frontend.conftest import apiserver as apiserver  # noqa: F401 - the fixture, used by name
 from tests.frontend.conftest import NODE, init_state, service_account_token, start_server, tokenreview_config, \
     write_config
 
 pytestmark = pytest.mark.slow
 
-TD = "spiffe://cluster.local"
 TTL = 3600
 SHORTENED_TTL = 600
 THRESHOLD = 25.0
@@ -50,80 +45,6 @@ ZTUNNEL_SERVED = ["zt-0", "zt-1"]                     # what ztunnel asks for al
 ZTUNNEL = f"{TD}/ns/istio-system/sa/ztunnel"
 ZTUNNEL_TOKEN = service_account_token("istio-system", "ztunnel", "ztunnel-abc")
 SOURCE_ELSEWHERE = "127.0.3.1"                         # another /24 than 127.0.0.1
-
-
-def spiffe(name: str) -> str:
-    return f"{TD}/ns/shop/sa/{name}"
-
-
-def token(name: str, pod: str | None = None) -> str:
-    return service_account_token("shop", name, pod or f"{name}-pod")
-
-
-def csr_for(identity: str, key: ec.EllipticCurvePrivateKey | None = None) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local")]))
-           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=False)
-           .sign(key, hashes.SHA256()))
-    return csr.public_bytes(serialization.Encoding.PEM), key
-
-
-def leaf(chain: list[str]) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(chain[0].encode())
-
-
-def lifetime(chain: list[str]) -> float:
-    certificate = leaf(chain)
-    return (certificate.not_valid_after_utc - certificate.not_valid_before_utc).total_seconds()
-
-
-def issuer_key(chain: list[str]) -> bytes:
-    """Which CA signed it (both signers' CAs have the same subject name)."""
-    return leaf(chain).extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-
-
-def serial_of(chain: list[str]) -> str:
-    return f"{leaf(chain).serial_number:x}"
-
-
-class Relay:
-    """A TCP relay whose connections to the server leave from another
-    loopback address: the server sees the client on another network."""
-
-    def __init__(self, target_port: int, source: str) -> None:
-        self._target = ("127.0.0.1", target_port)
-        self._source = source
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target, source_address=(self._source, 0))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 class Mesh:
@@ -175,20 +96,10 @@ class Mesh:
     # -- what the server says
 
     def alerts(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.server.ports['metrics']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        counts = {signal: 0.0 for signal in SIGNALS}
-        for match in re.finditer(r'^fastca_monitoring_alerts_total\{signal="(\w+)"\} (\S+)$', text, re.M):
-            counts[match.group(1)] = float(match.group(2))
-        self.last_metrics = text
-        return counts
+        return alert_counts(self.server.ports["metrics"])
 
     def gauge(self, name: str) -> float:
-        self.alerts()
-        match = re.search(rf"^{name} (\S+)$", self.last_metrics, re.M)
-        assert match, name
-        return float(match.group(1))
+        return gauge(self.server.ports["metrics"], name)
 
     def alert_lines(self) -> list[dict]:
         return [event for event in self.server.log_events() if event.get("event") == "issuance alert"]
