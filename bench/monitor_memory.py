@@ -11,7 +11,19 @@
    new_identity and is scored: the worst case for memory). Reports the
    tables' sizes, tracemalloc current/peak and the process RSS before and
    after, and the per-observation time (median of ``--rounds`` rounds, each
-   a fresh tracker; tracemalloc only on the last, it slows Python down).
+   a fresh tracker; tracemalloc only on the first, it slows Python down).
+3. Growth: the table sizes, tracemalloc current, the part of it that is
+   the tracker's dicts themselves (hash tables and LRU links, from
+   sys.getsizeof, without the objects they hold) and RSS at checkpoints
+   during the flood (by default half of max_identities, max_identities,
+   max_keys, half of ``--identities`` and all of it; ``--checkpoints`` to
+   choose), so the plateau is visible once every table is at its bound.
+   Derived: the bytes one pushed identity costs while nothing is evicted
+   (its history, its score, one key and one CSR entry: the slope between the
+   first two checkpoints), and the memory at the last checkpoint per 100,000
+   of max_identities, at the run's max_keys / max_identities ratio.
+   ``--max-identities`` and ``--max-keys`` change the flood's bounds, to
+   check that the cost scales with them (and to size them).
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import argparse
 import gc
 import random
 import statistics
+import sys
 import time
 import tracemalloc
 
@@ -86,24 +99,42 @@ def steady(rounds: int) -> float:
     return statistics.median(timings)
 
 
-def _rss_round(count: int) -> tuple[float, float]:
-    """RSS before/after a flood without tracemalloc (whose bookkeeping would count)."""
+def default_checkpoints(count: int, config: MonitoringConfig) -> list[int]:
+    """Where the growth is sampled: around the bounds, then up to ``count``."""
+    points = {config.max_identities // 2, config.max_identities, config.max_keys, count // 2, count}
+    return sorted(p for p in points if 0 < p <= count)
+
+
+def _dicts_mib(monitor: IssuanceMonitor) -> float:
+    """The tracker's dicts themselves (tables and LRU links, not what they hold)."""
+    return sum(sys.getsizeof(value) for value in vars(monitor).values() if isinstance(value, dict)) / 2**20
+
+
+def _rss_round(count: int, checkpoints: list[int], config: MonitoringConfig) -> tuple[float, float, dict[int, float]]:
+    """RSS before/after a flood without tracemalloc (whose bookkeeping would
+    count), and at each checkpoint (MiB, after a collection, as "after")."""
     gc.collect()
     before = _rss_kib()
-    monitor = IssuanceMonitor(MonitoringConfig(learning_seconds=0))
-    for obs in _flood_observations(count, seed=99):
+    at_checkpoint: dict[int, float] = {}
+    wanted = set(checkpoints)
+    monitor = IssuanceMonitor(config)
+    for n, obs in enumerate(_flood_observations(count, seed=99), 1):
         monitor.observe_issued(obs)
+        if n in wanted:
+            gc.collect()
+            at_checkpoint[n] = _rss_kib() / 1024
     gc.collect()
     after = _rss_kib()
     del monitor
     gc.collect()
-    return before / 1024, after / 1024
+    return before / 1024, after / 1024, at_checkpoint
 
 
-def flood(count: int, rounds: int) -> dict:
+def flood(count: int, rounds: int, checkpoints: list[int], config: MonitoringConfig) -> dict:
     timings = []
-    rss_before, rss_after = _rss_round(count)
-    result: dict = {"rss_untraced": (rss_before, rss_after)}
+    rss_before, rss_after, rss_at = _rss_round(count, checkpoints, config)
+    result: dict = {"rss_untraced": (rss_before, rss_after), "rss_at": rss_at}
+    wanted = set(checkpoints)
     for round_no in range(rounds):
         traced = round_no == 0
         # timed rounds: built beforehand (only the tracker is timed); the traced round: made on the fly
@@ -115,12 +146,20 @@ def flood(count: int, rounds: int) -> dict:
         if traced:
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
-        monitor = IssuanceMonitor(MonitoringConfig(learning_seconds=0))
+        monitor = IssuanceMonitor(config)
         observe = monitor.observe_issued
         alerts = 0
+        growth = []
         started = time.perf_counter()
-        for obs in observations:
-            alerts += len(observe(obs))
+        if traced:     # the traced round's time is reported apart: counting and sampling may cost in it
+            for n, obs in enumerate(observations, 1):
+                alerts += len(observe(obs))
+                if n in wanted:
+                    growth.append((n, monitor.sizes(), (tracemalloc.get_traced_memory()[0] - base) / 2**20,
+                                   _dicts_mib(monitor)))
+        else:
+            for obs in observations:
+                alerts += len(observe(obs))
         elapsed = time.perf_counter() - started
         if not traced:
             timings.append(elapsed / count * 1e6)
@@ -132,7 +171,7 @@ def flood(count: int, rounds: int) -> dict:
             result |= {"sizes": monitor.sizes(), "alerts": alerts, "by_signal": monitor.alerts_by_signal,
                       "traced_current_mib": (current - base) / 2**20, "traced_peak_mib": (peak - base) / 2**20,
                       "rss_before_mib": rss_before / 1024, "rss_after_mib": _rss_kib() / 1024,
-                      "traced_us": elapsed / count * 1e6}
+                      "traced_us": elapsed / count * 1e6, "growth": growth}
         del monitor
     # the traced round is slower; the timing is the median of untraced rounds (at least one)
     if not timings:
@@ -146,13 +185,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--identities", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--checkpoints", type=lambda text: [int(p) for p in text.split(",") if p],
+                        help="comma-separated observation counts to sample growth at "
+                             "(default: max_identities/2, max_identities, max_keys, --identities/2, --identities)")
+    parser.add_argument("--max-identities", type=int, help="the flood's max_identities (default: the default)")
+    parser.add_argument("--max-keys", type=int, help="the flood's max_keys (default: the default)")
     args = parser.parse_args(argv)
-    config = MonitoringConfig()
-    print(f"bounds: max_identities={config.max_identities} max_keys={config.max_keys} (each index) "
+    bounds = {name: value for name, value in (("max_identities", args.max_identities), ("max_keys", args.max_keys))
+              if value is not None}
+    config = MonitoringConfig(learning_seconds=0, **bounds)
+    checkpoints = sorted({p for p in (args.checkpoints or default_checkpoints(args.identities, config))
+                          if 0 < p <= args.identities})
+    print(f"flood bounds: max_identities={config.max_identities} max_keys={config.max_keys} (each index) "
           f"max_callers={config.max_callers} max_peers={config.max_peers}")
     print(f"steady renewals, 20,000 learned identities x 2 pods: {steady(args.rounds):.2f} µs/observation "
           f"(median of {args.rounds})")
-    r = flood(args.identities, args.rounds + 1)
+    r = flood(args.identities, args.rounds + 1, checkpoints, config)
     sizes = r["sizes"]
     rows = [
         ("distinct identities pushed", f"{args.identities:,}"),
@@ -173,6 +221,33 @@ def main(argv: list[str] | None = None) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
+    print_growth(r, config)
+
+
+def print_growth(r: dict, config: MonitoringConfig) -> None:
+    """The checkpoints as a table, and the costs derived from them."""
+    growth = r["growth"]
+    if not growth:
+        return
+    print("growth during the flood (tracemalloc: traced round; RSS: untraced round):")
+    header = ("pushed", "identities", "scored", "keys", "csrs", "callers", "tracemalloc MiB", "of it dicts MiB",
+              "RSS MiB")
+    table = [header] + [(f"{n:,}", f"{z['identities']:,}", f"{z['scored']:,}", f"{z['keys']:,}", f"{z['csrs']:,}",
+                         f"{z['callers']:,}", f"{mib:.1f}", f"{dicts:.1f}", f"{r['rss_at'].get(n, float('nan')):.1f}")
+                        for n, z, mib, dicts in growth]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    traced = {n: mib for n, _, mib, _ in growth}
+    half, ids = config.max_identities // 2, config.max_identities
+    if half in traced and ids in traced and half < ids <= config.max_keys:
+        per_identity = (traced[ids] - traced[half]) * 2**20 / (ids - half)
+        print(f"  below the bounds, one pushed identity (history, score, one key, one CSR entry): "
+              f"{per_identity:,.0f} B")
+    last, sizes, mib, _ = growth[-1]
+    if sizes["identities"] == config.max_identities and sizes["keys"] == config.max_keys:
+        print(f"  at the bounds, after {last:,} pushed: {mib:.1f} MiB = {mib * 100_000 / config.max_identities:.1f} "
+              f"MiB per 100,000 of max_identities (max_keys = {config.max_keys / config.max_identities:g} x)")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ class MonitoringConfig(_Section):
 
     # --- memory bounds (every map is an LRU; an entry evicted and seen again counts as new)
     # Per-identity history (baselines, networks, nodes, TTL norm); also bounds the
-    # table of risk scores. ~0.4 KB per identity.
+    # table of risk scores. About 1.9 KB per tracked identity at the worst (scored,
+    # with its key and CSR entries): ~190 MiB at the default bounds (bench/RESULTS.md).
     max_identities: int = Field(100_000, ge=1)
     # Per (caller, node) fan-out state; only impersonating callers (node agents,
     # ztunnel) have one, so this is about the number of nodes.
