@@ -61,14 +61,15 @@ class LogCursor:
         """The records not returned yet, up to ``until_id`` if given (the
         rest stays for the next read)."""
         now = self._clock()
-        found: list[tuple[int, IssuanceRecord]] = []
-        if self._gaps:
-            for key, _record in (late := self._source.with_ids(sorted(self._gaps))):
-                del self._gaps[key]
-            found.extend(late)
-            for key in [key for key, since in self._gaps.items() if now - since > self._gap_seconds]:
-                del self._gaps[key]
+        # Both queries first: one that fails (the database went away) leaves
+        # the cursor as it was, so nothing read is lost.
+        late = self._source.with_ids(sorted(self._gaps)) if self._gaps else []
         rows = self._source.after(self.last_id, limit)
+        found: list[tuple[int, IssuanceRecord]] = list(late)
+        for key, _record in late:
+            del self._gaps[key]
+        for key in [key for key, since in self._gaps.items() if now - since > self._gap_seconds]:
+            del self._gaps[key]
         for key, record in rows:
             if until_id is not None and key > until_id:
                 break

@@ -118,16 +118,17 @@ class MonitoringService:
             self._wake.clear()
 
     def _step(self) -> None:
+        # Refusals first: they never wait for the audit log.
+        self._drain_refusals()
         if self._cursor is None:
             self._reader = self._open_reader()
             self._cursor = self._replay(self._reader)
             self.replayed.set()
+        while True:
+            rows = self._cursor.read(_READ_LIMIT)
             if self._down_since is not None:
                 log.info("issuance monitor reading the audit log again")
                 self._down_since = None
-        self._drain_refusals()
-        while True:
-            rows = self._cursor.read(_READ_LIMIT)
             self._observe(rows, report=self.reports)
             if len(rows) < _READ_LIMIT or self._stop.is_set():
                 break
@@ -191,11 +192,17 @@ def observe_rows(monitor: IssuanceMonitor, rows: list[tuple[int, Any]]) -> list[
     """Feed (id, record) rows to ``monitor``; the alerts they raised."""
     observe = monitor.observe_issued
     raised: list[Alert] = []
-    for _key, record in rows:
-        if monitored(record):
-            alerts = observe(observation_of(record))
-            if alerts:
-                raised.extend(alerts)
+    for key, record in rows:
+        if not monitored(record):
+            continue
+        try:
+            observation = observation_of(record)
+        except ValueError as error:     # a hash column that is not hex: that record alone is skipped
+            log.error("audit record not observed", id=key, serial=record.serial, reason=str(error))
+            continue
+        alerts = observe(observation)
+        if alerts:
+            raised.extend(alerts)
     return raised
 
 
