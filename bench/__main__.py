@@ -10,6 +10,7 @@ COMMANDS = {
     "stability": ("bench.stability", "overload at 3x the peak, or a soak at 80%"),
     "vs-istiod": ("bench.vs_istiod", "fastca against an istiod-shaped Go CA (bench/goca), token and client cert"),
     "replicas": ("bench.replicas", "two fastca serve replicas against one (p11-kit HSM, PostgreSQL audit log)"),
+    "monitoring-cost": ("bench.monitoring_cost", "the issuance monitor's cost on the hot path: on against off, same run"),
     "front-end-floor": ("bench.front_end_floor", "per-call server CPU of the front ends"),
     "offline": ("bench.offline_issuance", "the issuance engine without RPC, against pyca"),
     "pkcs11-batch": ("bench.pkcs11_batch", "the PKCS#11 signing paths"),
