@@ -1,7 +1,7 @@
 """The issuance monitor's cost on the hot path: monitoring on against off, same run (issue #15).
 
     python -m bench monitoring-cost [--rounds 5] [--seconds 10] [--warmup 5] [--connections 64]
-                                    [--key-type ec-p256] [--csrs 2048] [--json F]
+                                    [--key-type ec-p256] [--csrs 2048] [--on policy|watch] [--json F]
 
 The embedded default, as bench/replicas.py's "embedded" cell: a ``fastca
 init`` state (the CA key in its SoftHSM token, the SQLite audit log),
@@ -11,9 +11,12 @@ Two sides, differing only in fastca.toml:
 
   off  no ``[monitoring]`` section (the default: off)
   on   ``[monitoring] enabled = true, learning_seconds = 0`` (every signal
-       live from the start) and ``[monitoring.policy.default] actions =
-       ["shorten_ttl"]``, so admission reads the identity's score on every
-       request; everything else at its default (poll_seconds 1, ...)
+       live from the start), everything else at its default (poll_seconds
+       1, ...), and with ``--on policy`` (the default)
+       ``[monitoring.policy.default] actions = ["shorten_ttl"]``, so every
+       worker follows the log and admission reads the identity's score on
+       every request; with ``--on watch`` no policy, so worker 0 alone
+       follows the log
 
 Each cell gets a fresh state directory (so the "on" side never replays an
 earlier round's log at start: what is measured is the steady hot path), a
@@ -81,9 +84,17 @@ SIDES = ("off", "on")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def monitoring_settings() -> dict[str, Any]:
-    """The "on" side's [monitoring] table."""
-    return {"enabled": True, "learning_seconds": 0, "policy": {"default": {"actions": ["shorten_ttl"]}}}
+ON_SIDES = ("policy", "watch")
+
+
+def monitoring_settings(on: str = "policy") -> dict[str, Any]:
+    """The "on" side's [monitoring] table: with a risk policy (every worker
+    follows the log, admission reads a score per request), or watching only
+    (worker 0 alone follows the log)."""
+    settings: dict[str, Any] = {"enabled": True, "learning_seconds": 0}
+    if on == "policy":
+        settings["policy"] = {"default": {"actions": ["shorten_ttl"]}}
+    return settings
 
 
 def _thread_cpu(pids: list[int]) -> dict[str, float]:
@@ -146,13 +157,13 @@ def _scrape(ports: list[int]) -> dict[str, float] | None:
 
 
 def run_cell(side: str, directory: Path, api: FakeApiServer, spec: LoadSpec, csrs: list[bytes],
-             key_type: str) -> tuple[dict[str, Any], FastcaServer]:
+             key_type: str, on: str = "policy") -> tuple[dict[str, Any], FastcaServer]:
     """A fresh state and server for ``side``, one load, the server stopped."""
     server = FastcaServer(directory, api.url, api.ca_file, key_type=key_type)
     if side == "on":
         config_path = server.state / "fastca.toml"
         body = tomllib.loads(config_path.read_text())
-        body["monitoring"] = monitoring_settings()
+        body["monitoring"] = monitoring_settings(on)
         config_path.write_text(tomli_w.dumps(body))
     snapshots: list[dict[str, float]] = []
     with server:
@@ -189,21 +200,21 @@ def run_cell(side: str, directory: Path, api: FakeApiServer, spec: LoadSpec, csr
     return cell, server
 
 
-def monitor_work(state: Path) -> dict[str, Any]:
+def monitor_work(state: Path, on: str = "policy") -> dict[str, Any]:
     """The monitor thread's work on ``state``'s log, timed in this process:
     the service's replay (SQLite reads and scoring), and the reads alone."""
     from fastca.audit.sqlite_log import AuditReader
     from fastca.monitoring import IssuanceMonitor, MonitoringConfig
-    from fastca.monitoring.follower import LogCursor
+    from fastca.monitoring.follower import LogCursor, Summaries
     from fastca.monitoring.service import replay_recent
 
-    config = MonitoringConfig(**monitoring_settings())
+    config = MonitoringConfig(**monitoring_settings(on))
     path = state / "audit.db"
     reader = AuditReader(path)
     try:
         end = reader.last_id()
         started = time.process_time()
-        cursor = LogCursor(reader, 0, clock=time.time)
+        cursor = LogCursor(Summaries(reader), 0, clock=time.time)
         read = 0
         while cursor.last_id < end:
             rows = cursor.read(2000, until_id=end)
@@ -229,7 +240,8 @@ def _spread(values: list[float]) -> float:
 
 
 def measure(rounds: int, seconds: float, connections: int, key_type: str, warmup_s: float,
-            workdir: Path, *, csr_type: str = "rsa-2048", csr_count: int = 2048) -> dict[str, Any]:
+            workdir: Path, *, csr_type: str = "rsa-2048", csr_count: int = 2048,
+            on: str = "policy") -> dict[str, Any]:
     spec = LoadSpec(processes=1, connections=connections, warmup_s=warmup_s, duration_s=seconds)
     csrs = make_csrs(csr_count, csr_type)
     cells: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
@@ -238,12 +250,13 @@ def measure(rounds: int, seconds: float, connections: int, key_type: str, warmup
         for round_index in range(rounds):
             order = list(SIDES) if round_index % 2 == 0 else list(reversed(SIDES))
             for side in order:
-                cell, server = run_cell(side, workdir / f"{side}-{round_index + 1}", api, spec, csrs, key_type)
+                cell, server = run_cell(side, workdir / f"{side}-{round_index + 1}", api, spec, csrs, key_type,
+                                        on)
                 cells[side].append(cell)
                 if side == "on":
                     last_on = server
                 _print_cell(round_index, side, cell)
-    work = monitor_work(last_on.state) if last_on is not None else {}
+    work = monitor_work(last_on.state, on) if last_on is not None else {}
     medians = {side: {key: statistics.median(c[key] for c in runs)
                       for key in ("certs_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_cert",
                                   "generator_cpu_us_per_cert", "machine_busy_share", "other_cpu_share")}
@@ -258,7 +271,7 @@ def measure(rounds: int, seconds: float, connections: int, key_type: str, warmup
               "spread_off": _spread([c["certs_per_s"] for c in cells["off"]]),
               "spread_on": _spread([c["certs_per_s"] for c in cells["on"]])}
     return {"rounds": cells, "median": medians, "ratios": ratios, "monitor_work": work,
-            "monitoring": monitoring_settings()}
+            "monitoring": monitoring_settings(on)}
 
 
 def _print_cell(round_index: int, side: str, cell: dict[str, Any]) -> None:
@@ -284,12 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csrs", type=int, default=2048,
                         help="distinct CSRs the generator cycles through [2048, as every bench]; more than a "
                              "cell's requests and no CSR is sent twice (no csr_replay alerts)")
+    parser.add_argument("--on", choices=ON_SIDES, default="policy",
+                        help="the 'on' side: with a risk policy for the default signer (every worker follows "
+                             "the log) or watching only (worker 0 follows it) [policy]")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     started = time.monotonic()
     with _stop_on_sigterm(), tempfile.TemporaryDirectory(prefix="fastca-monitoring-cost-") as tmp:
         report = measure(args.rounds, args.seconds, args.connections, args.key_type, args.warmup, Path(tmp),
-                         csr_type=args.csr_type, csr_count=args.csrs)
+                         csr_type=args.csr_type, csr_count=args.csrs, on=args.on)
     report["meta"] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       "command": " ".join(["python -m bench monitoring-cost", shlex.join(argv)]).strip(),
                       "cpus": os.cpu_count(), "elapsed_s": round(time.monotonic() - started, 1)}

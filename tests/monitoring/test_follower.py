@@ -47,44 +47,70 @@ def test_bare_peer_ip(peer: str, bare: str) -> None:
     assert bare_peer_ip(peer) == bare
 
 
-# -- observation_of / monitored ----------------------------------------------
+# -- observation_of / monitored: through each backend's Summaries ----------------
 
 
-def test_observation_of_maps_every_field() -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_log(request, tmp_path: Path):
+    """(writer, reader) of a real audit log of each backend."""
+    if request.param == "sqlite":
+        path = tmp_path / "audit.db"
+        log, reader = SqliteAuditLog(path), AuditReader(path)
+    else:
+        database = request.getfixturevalue("pg_database")
+        log = PostgresAuditLog(database.url, password_file=database.password_file)
+        reader = PostgresAuditReader(database.url, password_file=database.password_file)
+    try:
+        yield log, reader
+    finally:
+        reader.close()
+        log.close()
+
+
+def _observed(any_log, record: IssuanceRecord):
+    log, reader = any_log
+    before = reader.last_id()
+    log.record_many_sync([record])
+    [(_, summary)] = reader.summaries_after(before)
+    return summary, observation_of(summary)
+
+
+def test_observation_of_maps_every_field(any_log) -> None:
     record = dataclasses.replace(
         make_record(3), caller_identities=("spiffe://cluster.local/ns/istio-system/sa/ztunnel",
                                            "spiffe://cluster.local/ns/other/sa/second"),
         impersonated=True, peer="ipv6:[fd00:10::7]:41000",
         not_before=T0, not_after=T0 + dt.timedelta(hours=2, seconds=5),
         issued_at=T0 + dt.timedelta(seconds=12, microseconds=250_000))
-    obs = observation_of(record)
-    assert obs.at == (T0 + dt.timedelta(seconds=12.25)).timestamp() == T0.timestamp() + 12.25
+    summary, obs = _observed(any_log, record)
+    assert summary.credential_type == record.credential_type and monitored(summary)
+    assert abs(obs.at - (T0.timestamp() + 12.25)) < 1e-3             # decoded by the database
     assert obs.identity == record.identity
     assert obs.caller == "spiffe://cluster.local/ns/istio-system/sa/ztunnel"      # the first one
     assert obs.impersonated is True
     assert obs.node == ""                                  # not in the audit record
     assert obs.peer_ip == "fd00:10::7"
-    assert obs.ttl_seconds == 7205
+    assert obs.ttl_seconds == 7205 and type(obs.ttl_seconds) is int
     assert isinstance(obs.spki_sha256, bytes) and obs.spki_sha256 == bytes.fromhex(record.spki_sha256)
     assert isinstance(obs.csr_sha256, bytes) and obs.csr_sha256 == bytes.fromhex(record.csr_sha256)
     assert len(obs.spki_sha256) == len(obs.csr_sha256) == 32
     assert obs.serial == record.serial
 
 
-def test_observation_of_a_plain_factory_record() -> None:
+def test_observation_of_a_plain_factory_record(any_log) -> None:
     record = make_record(4)
-    obs = observation_of(record)
+    _, obs = _observed(any_log, record)
     assert obs.caller == record.caller_identities[0] == obs.identity
     assert obs.impersonated is False
     assert obs.peer_ip == "10.0.0.4"
     assert obs.ttl_seconds == 86_400
-    assert obs.at == record.issued_at.timestamp()
+    assert abs(obs.at - record.issued_at.timestamp()) < 1e-3
 
 
-def test_a_version_1_record_has_no_hashes_and_no_caller() -> None:
+def test_a_record_without_hashes_or_caller(any_log) -> None:
     record = dataclasses.replace(make_record(5), spki_sha256="", csr_sha256="", caller_identities=(),
                                  peer="local")
-    obs = observation_of(record)
+    _, obs = _observed(any_log, record)
     assert obs.spki_sha256 == b"" and obs.csr_sha256 == b""
     assert obs.caller == "" and obs.peer_ip == ""
 

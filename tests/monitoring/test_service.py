@@ -117,12 +117,14 @@ def start(services: list, path: Path, *, reports: bool, open_reader: Callable[[]
 # -- observe_rows / replay_recent ------------------------------------------------
 
 
-def test_observe_rows_skips_the_servers_own_certificates() -> None:
+def test_observe_rows_skips_the_servers_own_certificates(audit) -> None:
+    _path, log, reader = audit
     monitor = IssuanceMonitor(config(weights={"new_identity": 0}), clock=ManualClock(NOW))
     alice = record(1, ALICE)
     own = record(2, f"{TD}/ns/fastca/sa/server", spki=alice.spki_sha256, credential_type="self")
     bob = record(3, BOB, spki=alice.spki_sha256)
-    raised = observe_rows(monitor, [(1, alice), (2, own), (3, bob)])
+    log.record_many_sync([alice, own, bob])
+    raised = observe_rows(monitor, reader.summaries_after(0))
     assert [(a.signal, a.identity, a.serial) for a in raised] == [("key_reuse", BOB, bob.serial)]
     assert monitor.tracked_identities == 2
     assert monitor.score(own.identity) == 0.0
@@ -297,11 +299,11 @@ class FlakyReader:
         self.failed_reads = 0
         self.closed = threading.Event()
 
-    def after(self, last_id: int, limit: int = 2000):
+    def summaries_after(self, last_id: int, limit: int = 2000):
         if self.down:
             self.failed_reads += 1
             raise CANotReady("audit log unavailable: disk I/O error (injected)")
-        return self._reader.after(last_id, limit)
+        return self._reader.summaries_after(last_id, limit)
 
     def close(self) -> None:
         self.closed.set()
@@ -379,7 +381,7 @@ def test_a_record_the_monitor_cannot_read_is_skipped_alone(audit) -> None:
     log.record_many_sync([alice, broken, record(3, DAVE, spki=alice.spki_sha256)])
     monitor = IssuanceMonitor(config(), clock=ManualClock(NOW))
     with structlog.testing.capture_logs() as captured:
-        raised = observe_rows(monitor, reader.after(0))
+        raised = observe_rows(monitor, reader.summaries_after(0))
     assert [(a.signal, a.identity) for a in raised] == \
         [("new_identity", ALICE), ("new_identity", DAVE), ("key_reuse", DAVE)]
     (skipped,) = events(captured, "audit record not observed")

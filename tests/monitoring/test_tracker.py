@@ -278,7 +278,11 @@ def test_node_fan_out():
     assert signals(raised) == ["fan_out"]
     alert = raised[0]
     assert alert.identity == subject == f"{ZTUNNEL}@node-1" and alert.caller == ZTUNNEL
-    assert alert.serial == mesh.last[remote[20]].serial          # the 21st new identity tipped it
+    # The 21st new identity tips it, or one a little later: the caller's memory
+    # is a filter keyed by str hashes (randomised per process), and a false
+    # "seen before" only delays the count.
+    tipped = [mesh.last[identity].serial for identity in remote].index(alert.serial)
+    assert 20 <= tipped <= 23, tipped
     assert mesh.monitor.score(subject, at + 30) == pytest.approx(DEFAULT_WEIGHTS["fan_out"], rel=1e-2)
     assert mesh.monitor.score(remote[0], at + 30) == 0.0
     # its usual identities, and the remote ones again, are nothing more

@@ -222,6 +222,8 @@ class PostgresAuditReader(RecordQueries):
 
     table = TABLE
     placeholder = "%s"
+    _first_caller_sql = "caller_identities[1]"
+    _epoch_sql = "extract(epoch from {column})::float8"
 
     def __init__(self, url: str, *, password_file: str | Path | None = None,
                  connect_timeout: float = _DEFAULT_CONNECT_TIMEOUT) -> None:

@@ -8,17 +8,33 @@ from __future__ import annotations
 
 import datetime as dt
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from fastca.audit.record import IssuanceRecord, normalize_serial
 
-__all__ = ["RecordQueries", "COLUMNS"]
+__all__ = ["RecordQueries", "COLUMNS", "Summary"]
 
 COLUMNS = ("serial", "identity", "caller_identities", "credential_type", "key_type", "not_before",
            "not_after", "signer", "fingerprint_sha256", "peer", "request_id", "issued_at",
            "impersonated", "cluster_id", "spki_sha256", "csr_sha256", "flags")
 # Added by schema version 2; a reader of a version 1 log sees them empty.
 _V2_COLUMNS = ("spki_sha256", "csr_sha256", "flags")
+
+
+class Summary(NamedTuple):
+    """What a follower of the log (the issuance monitor) needs of a record,
+    decoded by the database: no datetime or JSON is parsed in Python."""
+
+    serial: str
+    identity: str
+    caller: str                 # the first of caller_identities ("" if none)
+    credential_type: str
+    impersonated: bool
+    peer: str
+    spki_sha256: str            # "" in a version 1 log
+    csr_sha256: str
+    ttl_seconds: int            # not_after - not_before
+    issued_at: float            # epoch seconds
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -29,6 +45,9 @@ class RecordQueries(ABC):
     table = "issuance"
     placeholder = "?"
     schema_version = 2          # the version of the database read: set by the backend when it opens
+    # How the backend's SQL spells a Summary's decoded columns.
+    _first_caller_sql = "json_extract(caller_identities, '$[0]')"
+    _epoch_sql = "((julianday({column}) - 2440587.5) * 86400.0)"
 
     @abstractmethod
     def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
@@ -89,6 +108,30 @@ class RecordQueries(ABC):
         rows = self._query(f"SELECT id, {self._columns} FROM {self.table} WHERE id > {p} ORDER BY id LIMIT {p}",
                            (int(last_id), max(1, int(limit))))
         return [(int(row[0]), self._record(row[1:])) for row in rows]
+
+    @property
+    def _summary_columns(self) -> str:
+        hashes = "spki_sha256, csr_sha256" if self.schema_version >= 2 else "'', ''"
+        epoch = self._epoch_sql
+        ttl = f"CAST(round({epoch.format(column='not_after')} - {epoch.format(column='not_before')}) AS integer)"
+        return (f"id, serial, identity, coalesce({self._first_caller_sql}, ''), credential_type, impersonated, "
+                f"peer, {hashes}, {ttl}, {epoch.format(column='issued_at')}")
+
+    def summaries_after(self, last_id: int, limit: int = 2000) -> list[tuple[int, Summary]]:
+        """``after``, as Summaries: the columns the monitor reads, decoded in SQL."""
+        p = self.placeholder
+        rows = self._query(f"SELECT {self._summary_columns} FROM {self.table} WHERE id > {p} ORDER BY id LIMIT {p}",
+                           (int(last_id), max(1, int(limit))))
+        return [(row[0], Summary._make(row[1:])) for row in rows]
+
+    def summaries_with_ids(self, ids: Sequence[int]) -> list[tuple[int, Summary]]:
+        """``with_ids``, as Summaries."""
+        if not ids:
+            return []
+        marks = ", ".join([self.placeholder] * len(ids))
+        rows = self._query(f"SELECT {self._summary_columns} FROM {self.table} WHERE id IN ({marks}) ORDER BY id",
+                           [int(i) for i in ids])
+        return [(row[0], Summary._make(row[1:])) for row in rows]
 
     def with_ids(self, ids: Sequence[int]) -> list[tuple[int, IssuanceRecord]]:
         """The records among ``ids`` that exist, by id: a follower's second

@@ -176,9 +176,13 @@ class CAServer:
         try:
             audit = open_audit_log(config.audit, state_dir, on_commit=metrics.audit_committed)
             if config.monitoring.enabled:
+                # The process that reports follows the log; so does every process
+                # when risk policy needs the scores. The others observe only
+                # their own refusals.
                 monitoring = MonitoringService(
                     config.monitoring, lambda: open_audit_reader(config.audit, state_dir, writable=True),
-                    clock=clock, reports=reports_alerts, metrics=metrics)
+                    clock=clock, reports=reports_alerts, metrics=metrics,
+                    follows_log=reports_alerts or bool(config.monitoring.policy))
             node_authorizer = build_node_authorizer(config.authn, trust_domain=config.trust_domain,
                                                     base_dir=state_dir)
             policy = RequestPolicy(config.policy, clock=clock)

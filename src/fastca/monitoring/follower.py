@@ -10,28 +10,31 @@ and the request path pays nothing for it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from functools import lru_cache
+from typing import Any, Protocol
 
+from fastca.audit.queries import RecordQueries, Summary
 from fastca.audit.record import IssuanceRecord
 from fastca.monitoring.tracker import Observation
 
-__all__ = ["LogCursor", "LogSource", "observation_of", "bare_peer_ip", "monitored"]
+__all__ = ["LogCursor", "LogSource", "Summaries", "observation_of", "bare_peer_ip", "monitored"]
 
 # The server's own serving certificate is no workload's: every worker issues
 # one at start and renews it, which says nothing about the mesh.
 _UNMONITORED_CREDENTIALS = frozenset({"self"})
 
 
-def monitored(record: IssuanceRecord) -> bool:
+def monitored(record: IssuanceRecord | Summary) -> bool:
     return record.credential_type not in _UNMONITORED_CREDENTIALS
 
 
 class LogSource(Protocol):
-    """What the cursor needs of an audit reader (fastca.audit.queries.RecordQueries)."""
+    """What the cursor reads: an audit reader (fastca.audit.queries.RecordQueries,
+    records) or ``Summaries`` of one."""
 
-    def after(self, last_id: int, limit: int = ...) -> list[tuple[int, IssuanceRecord]]: ...
+    def after(self, last_id: int, limit: int = ...) -> list[tuple[int, Any]]: ...
 
-    def with_ids(self, ids: list[int]) -> list[tuple[int, IssuanceRecord]]: ...
+    def with_ids(self, ids: list[int]) -> list[tuple[int, Any]]: ...
 
 
 class LogCursor:
@@ -57,7 +60,7 @@ class LogCursor:
     def open_gaps(self) -> int:
         return len(self._gaps)
 
-    def read(self, limit: int = 2000, until_id: int | None = None) -> list[tuple[int, IssuanceRecord]]:
+    def read(self, limit: int = 2000, until_id: int | None = None) -> list[tuple[int, Any]]:
         """The records not returned yet, up to ``until_id`` if given (the
         rest stays for the next read)."""
         now = self._clock()
@@ -65,7 +68,7 @@ class LogCursor:
         # the cursor as it was, so nothing read is lost.
         late = self._source.with_ids(sorted(self._gaps)) if self._gaps else []
         rows = self._source.after(self.last_id, limit)
-        found: list[tuple[int, IssuanceRecord]] = list(late)
+        found: list[tuple[int, Any]] = list(late)
         for key, _record in late:
             del self._gaps[key]
         for key in [key for key, since in self._gaps.items() if now - since > self._gap_seconds]:
@@ -83,6 +86,7 @@ class LogCursor:
         return found
 
 
+@lru_cache(maxsize=4096)     # an agent's connection sends the same peer string call after call
 def bare_peer_ip(peer: str) -> str:
     """'ipv4:10.1.2.3:5000' -> '10.1.2.3', 'ipv6:[fd00::1]:5000' -> 'fd00::1';
     '' for anything else ('local', a unix socket)."""
@@ -97,18 +101,27 @@ def bare_peer_ip(peer: str) -> str:
     return ""
 
 
-def observation_of(record: IssuanceRecord) -> Observation:
+def observation_of(summary: Summary) -> Observation:
     """What the tracker is told of a recorded certificate. The node is not in
     the audit record, so the location signals work on the source network."""
     return Observation(
-        at=record.issued_at.timestamp(),
-        identity=record.identity,
-        caller=record.caller_identities[0] if record.caller_identities else "",
-        impersonated=record.impersonated,
+        at=summary.issued_at,
+        identity=summary.identity,
+        caller=summary.caller,
+        impersonated=bool(summary.impersonated),
         node="",
-        peer_ip=bare_peer_ip(record.peer),
-        spki_sha256=bytes.fromhex(record.spki_sha256),
-        csr_sha256=bytes.fromhex(record.csr_sha256),
-        ttl_seconds=int((record.not_after - record.not_before).total_seconds()),
-        serial=record.serial,
+        peer_ip=bare_peer_ip(summary.peer),
+        spki_sha256=bytes.fromhex(summary.spki_sha256),
+        csr_sha256=bytes.fromhex(summary.csr_sha256),
+        ttl_seconds=summary.ttl_seconds,
+        serial=summary.serial,
     )
+
+
+class Summaries:
+    """An audit reader seen as the monitor reads it: Summaries, not records
+    (the columns it needs, decoded by the database)."""
+
+    def __init__(self, reader: RecordQueries) -> None:
+        self.after = reader.summaries_after
+        self.with_ids = reader.summaries_with_ids

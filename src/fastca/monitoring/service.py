@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ from fastca.audit.queries import RecordQueries
 from fastca.clock import SYSTEM_CLOCK, Clock
 from fastca.errors import FastcaError
 from fastca.monitoring.config import MonitoringConfig
-from fastca.monitoring.follower import LogCursor, monitored, observation_of
+from fastca.monitoring.follower import LogCursor, Summaries, monitored, observation_of
 from fastca.monitoring.tracker import Alert, IssuanceMonitor
 from fastca.observability.logging import get_logger
 
@@ -35,7 +36,9 @@ __all__ = ["MonitoringService", "AlertSink"]
 
 log = get_logger("fastca.monitoring")
 
-_READ_LIMIT = 2000
+# Records per read: each read's scoring holds the GIL for a few milliseconds at
+# most before the thread lets the event loop in again (bench/RESULTS.md, #15).
+_READ_LIMIT = 256
 _MAX_PENDING_REFUSALS = 10_000
 
 
@@ -50,9 +53,12 @@ class MonitoringService:
     FastcaError while the database is away: retried every poll)."""
 
     def __init__(self, config: MonitoringConfig, open_reader: Callable[[], RecordQueries], *,
-                 clock: Clock = SYSTEM_CLOCK, reports: bool = True, metrics: AlertSink | None = None,
-                 on_alert: Callable[[Alert], None] | None = None) -> None:
+                 clock: Clock = SYSTEM_CLOCK, reports: bool = True, follows_log: bool = True,
+                 metrics: AlertSink | None = None, on_alert: Callable[[Alert], None] | None = None) -> None:
+        """``follows_log`` False: only this process's refusals are observed
+        (and reported); the scores from the log are another process's."""
         self.config = config
+        self.follows_log = follows_log
         self.monitor = IssuanceMonitor(config, clock=clock)
         self._open_reader = open_reader
         self._clock = clock
@@ -120,6 +126,8 @@ class MonitoringService:
     def _step(self) -> None:
         # Refusals first: they never wait for the audit log.
         self._drain_refusals()
+        if not self.follows_log:
+            return
         if self._cursor is None:
             self._reader = self._open_reader()
             self._cursor = self._replay(self._reader)
@@ -132,6 +140,7 @@ class MonitoringService:
             self._observe(rows, report=self.reports)
             if len(rows) < _READ_LIMIT or self._stop.is_set():
                 break
+            time.sleep(0)       # the GIL to the event loop between reads
 
     def _replay(self, reader: RecordQueries) -> LogCursor:
         """A cursor at the end of the log, with the recent past already seen
@@ -215,7 +224,7 @@ def replay_recent(monitor: IssuanceMonitor, reader: RecordQueries, config: Monit
     end = reader.last_id()
     since = dt.datetime.fromtimestamp(clock() - config.replay_seconds, dt.timezone.utc)
     start = max(reader.id_before(since), end - config.replay_max_records) if config.replay_seconds else end
-    cursor = LogCursor(reader, start, clock=clock)
+    cursor = LogCursor(Summaries(reader), start, clock=clock)
     replayed = 0
     while cursor.last_id < end and not stop():
         rows = cursor.read(_READ_LIMIT, until_id=end)
@@ -223,4 +232,5 @@ def replay_recent(monitor: IssuanceMonitor, reader: RecordQueries, config: Monit
             break
         observe_rows(monitor, rows)
         replayed += len(rows)
+        time.sleep(0)
     return cursor, replayed
