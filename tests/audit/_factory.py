@@ -29,4 +29,5 @@ def make_record(i: int = 0, *, serial: str | None = None, identity: str | None =
         cluster_id="Kubernetes",
         spki_sha256=os.urandom(32).hex(),
         csr_sha256=os.urandom(32).hex(),
+        node=f"node-{i % 3}",
     )

@@ -71,10 +71,13 @@ def test_a_version_1_database_is_migrated_and_keeps_its_records(postgres: Postgr
     old_reader = PostgresAuditReader(pg_database.url, password_file=pg_database.password_file)
     try:
         assert old_reader.get("4a3f").flags == () and old_reader.get("4a3f").spki_sha256 == ""
+        assert old_reader.get("4a3f").node == ""
+        [(_, summary)] = old_reader.summaries_after(0)      # and so does the issuance monitor
+        assert (summary.serial, summary.caller, summary.node, summary.spki_sha256) == ("4a3f", "", "", "")
     finally:
         old_reader.close()
     with _log(pg_database) as log:
-        assert log.count() == 1 and log.migrations_applied == 1
+        assert log.count() == 1 and log.migrations_applied == SCHEMA_VERSION - 1
         assert log.get("4a3f").identity == "spiffe://td/ns/a/sa/b" and log.get("4a3f").csr_sha256 == ""
 
 

@@ -74,7 +74,10 @@ def test_a_version_1_log_is_migrated_and_keeps_its_records(db: Path) -> None:
                      "'ipv4:1.2.3.4:5', 'r1', '2025-01-01T00:00:00.000000+00:00', 0, '')")
         conn.execute("PRAGMA user_version = 1")
     old = AuditReader(db)                        # a reader of the old file sees the new fields empty
-    assert old.get("4a3f").flags == () and old.get("4a3f").spki_sha256 == ""
+    assert old.get("4a3f").flags == () and old.get("4a3f").spki_sha256 == "" and old.get("4a3f").node == ""
+    [(_, summary)] = old.summaries_after(0)      # and so does the issuance monitor
+    assert (summary.serial, summary.caller, summary.node, summary.spki_sha256, summary.ttl_seconds) == \
+        ("4a3f", "", "", "", 86_400)
     old.close()
     with SqliteAuditLog(db) as log:
         assert log.count() == 1
@@ -82,7 +85,7 @@ def test_a_version_1_log_is_migrated_and_keeps_its_records(db: Path) -> None:
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         columns = {row[1] for row in conn.execute("PRAGMA table_info(issuance)")}
-    assert {"spki_sha256", "csr_sha256", "flags"} <= columns
+    assert {"spki_sha256", "csr_sha256", "flags", "node"} <= columns
 
 
 def test_record_normalises_and_validates() -> None:

@@ -38,13 +38,13 @@ def pod_file(tmp_path: Path) -> Path:
     return path
 
 
-def authorize(authorizer: NodeAuthorizer, caller: Caller, identity: str, trust_domain: str = TD) -> None:
-    asyncio.run(authorizer.authorize(caller, identity, trust_domain))
+def authorize(authorizer: NodeAuthorizer, caller: Caller, identity: str, trust_domain: str = TD) -> str:
+    return asyncio.run(authorizer.authorize(caller, identity, trust_domain))
 
 
 def test_node_agent_may_ask_for_a_workload_on_its_node(pod_file):
     authorizer = NodeAuthorizer({"istio-system/ztunnel"}, StaticPodSource(pod_file))
-    authorize(authorizer, ztunnel(), SLEEP)      # no exception: allowed
+    assert authorize(authorizer, ztunnel(), SLEEP) == "n1"     # allowed: the caller's node, for the record
 
 
 DENIAL_REASONS = {

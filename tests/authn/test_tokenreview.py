@@ -40,11 +40,14 @@ class FakeKubeApi:
 
     def service_account(self, token: str, namespace: str = "default", account: str = "sleep", *,
                         audiences: tuple[str, ...] = ("istio-ca",), pod: tuple[str, str] | None = ("sleep-1", "uid-1"),
-                        groups: list[str] | None = None, username: str | None = None) -> None:
+                        groups: list[str] | None = None, username: str | None = None,
+                        node: str | None = None) -> None:
         extra = {}
         if pod is not None:
             extra = {"authentication.kubernetes.io/pod-name": [pod[0]],
                      "authentication.kubernetes.io/pod-uid": [pod[1]]}
+        if node is not None:                    # Kubernetes 1.30+ also names the pod's node
+            extra["authentication.kubernetes.io/node-name"] = [node]
         self.tokens[token] = {
             "audiences": list(audiences),
             "user": {"username": username or f"system:serviceaccount:{namespace}:{account}", "uid": "sa-uid",
@@ -107,7 +110,7 @@ def run(coro_fn):
 
 def test_valid_service_account_token(api, tmp_path):
     token = sa_token()
-    api.fake.service_account(token, "default", "sleep", pod=("sleep-7f69474bf9-6pmf5", "bca5b2e9"))
+    api.fake.service_account(token, "default", "sleep", pod=("sleep-7f69474bf9-6pmf5", "bca5b2e9"), node="node-7")
 
     async def go():
         auth = TokenReviewAuthenticator([cluster(api, tmp_path, cluster_id="Kubernetes")], trust_domain=TRUST_DOMAIN)
@@ -120,8 +123,8 @@ def test_valid_service_account_token(api, tmp_path):
     assert caller.identities == ("spiffe://cluster.local/ns/default/sa/sleep",)
     assert caller.credential_type == "k8s-tokenreview"
     k8s = caller.kubernetes
-    assert (k8s.namespace, k8s.service_account, k8s.pod_name, k8s.pod_uid, k8s.cluster_id) == (
-        "default", "sleep", "sleep-7f69474bf9-6pmf5", "bca5b2e9", "Kubernetes")
+    assert (k8s.namespace, k8s.service_account, k8s.pod_name, k8s.pod_uid, k8s.cluster_id, k8s.node_name) == (
+        "default", "sleep", "sleep-7f69474bf9-6pmf5", "bca5b2e9", "Kubernetes", "node-7")
     [sent] = api.requests_to(REVIEW_PATH)
     assert sent.json()["spec"] == {"token": token, "audiences": ["istio-ca"]}
     assert sent.headers["content-type"].startswith("application/json")

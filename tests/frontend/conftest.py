@@ -21,6 +21,7 @@ from tests.conftest import run_fastca
 
 TRUST_DOMAIN = "cluster.local"
 NODE = "node-a"
+OTHER_NODE = "node-b"         # where the fake API server puts pods named "elsewhere-..."
 
 
 def service_account_token(namespace: str, account: str, pod: str | None = None) -> str:
@@ -41,7 +42,9 @@ def _token_review(request: Request) -> Response:
                                        "system:authenticated"]}
     if pod != "nopod":
         user["extra"] = {"authentication.kubernetes.io/pod-name": [pod],
-                         "authentication.kubernetes.io/pod-uid": [f"uid-{pod}"]}
+                         "authentication.kubernetes.io/pod-uid": [f"uid-{pod}"],
+                         "authentication.kubernetes.io/node-name": [OTHER_NODE if pod.startswith("elsewhere-")
+                                                                    else NODE]}
     return Response(body={**review, "status": {"authenticated": True, "user": user, "audiences": audiences}})
 
 

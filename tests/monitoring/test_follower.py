@@ -88,7 +88,7 @@ def test_observation_of_maps_every_field(any_log) -> None:
     assert obs.identity == record.identity
     assert obs.caller == "spiffe://cluster.local/ns/istio-system/sa/ztunnel"      # the first one
     assert obs.impersonated is True
-    assert obs.node == ""                                  # not in the audit record
+    assert obs.node == record.node == "node-0"
     assert obs.peer_ip == "fd00:10::7"
     assert obs.ttl_seconds == 7205 and type(obs.ttl_seconds) is int
     assert isinstance(obs.spki_sha256, bytes) and obs.spki_sha256 == bytes.fromhex(record.spki_sha256)
@@ -109,10 +109,10 @@ def test_observation_of_a_plain_factory_record(any_log) -> None:
 
 def test_a_record_without_hashes_or_caller(any_log) -> None:
     record = dataclasses.replace(make_record(5), spki_sha256="", csr_sha256="", caller_identities=(),
-                                 peer="local")
+                                 peer="local", node="")
     _, obs = _observed(any_log, record)
     assert obs.spki_sha256 == b"" and obs.csr_sha256 == b""
-    assert obs.caller == "" and obs.peer_ip == ""
+    assert obs.caller == "" and obs.peer_ip == "" and obs.node == ""
 
 
 def test_the_servers_own_certificate_is_not_monitored() -> None:

@@ -2,7 +2,7 @@
 loopback, TokenReview against a local HTTPS API server, the node authorizer
 on a pod file): a steady population renewing raises nothing over a measured
 period; each injected anomaly (burst, key reuse across two identities, a
-replayed CSR, a new source network, a node agent's fan-out) raises exactly
+replayed CSR, a new source network, a new node, a node agent's fan-out) raises exactly
 its alert, flags the certificate that raised it and moves its subject's
 score, which then decays; the opt-in risk policy acts on a high-risk
 identity's next request (a fresh TokenReview and a shortened TTL on one
@@ -202,6 +202,10 @@ def test_steady_population_then_each_anomaly_raises_exactly_its_alert_and_policy
         relay.close()
     counts = mesh.wait_for_alert("new_network", counts)
 
+    # --- a new node: app-6 renews from a pod on another node (same network)
+    on_node_b = mesh.issue("app-6", bearer=token("app-6", "elsewhere-app-6"))
+    counts = mesh.wait_for_alert("new_node", counts)
+
     # --- fan-out: ztunnel suddenly asks for identities it never asked for
     for name in FANNED:
         mesh.impersonate(name)
@@ -209,22 +213,22 @@ def test_steady_population_then_each_anomaly_raises_exactly_its_alert_and_policy
 
     # Each alert: one log line naming its signal, and a flag on the certificate that raised it.
     lines = mesh.alert_lines()
-    assert sorted(line["signal"] for line in lines) == sorted(["burst", "key_reuse", "csr_replay", "new_network",
-                                                              "fan_out"])
+    injected = ["burst", "key_reuse", "csr_replay", "new_network", "new_node", "fan_out"]
+    assert sorted(line["signal"] for line in lines) == sorted(injected)
     flagged = json.loads(run_fastca("audit", "list", "--state", str(mesh.server.state), "--flagged",
                                     "--json", "--limit", "100").stdout)
     flags = {record["serial"]: record["flags"] for record in flagged}
     assert flags[serial_of(reused)] == ["key_reuse"]
     assert flags[serial_of(replayed)] == ["csr_replay"]
     assert flags[serial_of(moved)] == ["new_network"]
-    assert sorted(flag for record in flagged for flag in record["flags"]) == \
-        sorted(["burst", "key_reuse", "csr_replay", "new_network", "fan_out"])
+    assert flags[serial_of(on_node_b)] == ["new_node"]
+    assert sorted(flag for record in flagged for flag in record["flags"]) == sorted(injected)
     for line in lines:
         assert line["serial"] in flags and line["signal"] in flags[line["serial"]]
 
     # Every subject's score moved; `fastca risk` derives the same from the log.
     subjects = {"burst": spiffe("app-0"), "key_reuse": spiffe("app-1"), "csr_replay": spiffe("app-3"),
-                "new_network": spiffe("app-4"), "fan_out": ZTUNNEL}
+                "new_network": spiffe("app-4"), "new_node": spiffe("app-6"), "fan_out": f"{ZTUNNEL}@{NODE}"}
     for signal, subject in subjects.items():
         explained = mesh.risk(subject)
         assert explained["score"] > 0 and signal in [s["signal"] for s in explained["signals"]], (signal, explained)

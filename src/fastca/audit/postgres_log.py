@@ -41,7 +41,7 @@ from fastca.signing.secret_file import read_secret_file
 
 __all__ = ["PostgresAuditLog", "PostgresAuditReader", "SCHEMA_VERSION", "check_database_url", "describe_database"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TABLE = "fastca_issuance"
 VERSION_TABLE = "fastca_schema_version"
 # pg_advisory_xact_lock's key for migrations: b"fastcaAU" as a big-endian int64.
@@ -80,6 +80,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"ALTER TABLE {TABLE} ADD COLUMN csr_sha256 text NOT NULL DEFAULT ''",
         f"ALTER TABLE {TABLE} ADD COLUMN flags text NOT NULL DEFAULT ''",
         f"CREATE INDEX {TABLE}_flagged ON {TABLE} (issued_at) WHERE flags <> ''",
+    ),
+    # The caller's Kubernetes node (the monitor's new_node and per-node fan-out).
+    3: (
+        f"ALTER TABLE {TABLE} ADD COLUMN node text NOT NULL DEFAULT ''",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -197,18 +201,18 @@ def _row(record: IssuanceRecord) -> tuple[Any, ...]:
     return (record.serial, record.identity, list(record.caller_identities), record.credential_type,
             record.key_type, record.not_before, record.not_after, record.signer, record.fingerprint_sha256,
             record.peer, record.request_id, record.issued_at, record.impersonated, record.cluster_id,
-            record.spki_sha256, record.csr_sha256, ",".join(record.flags))
+            record.spki_sha256, record.csr_sha256, ",".join(record.flags), record.node)
 
 
 def _record(row: Sequence[Any]) -> IssuanceRecord:
     (serial, identity, callers, credential_type, key_type, not_before, not_after, signer, fingerprint,
-     peer, request_id, issued_at, impersonated, cluster_id, spki_sha256, csr_sha256, flags) = row
+     peer, request_id, issued_at, impersonated, cluster_id, spki_sha256, csr_sha256, flags, node) = row
     return IssuanceRecord(serial=serial, identity=identity, caller_identities=tuple(callers),
                           credential_type=credential_type, key_type=key_type, not_before=not_before,
                           not_after=not_after, signer=signer, fingerprint_sha256=fingerprint, peer=peer,
                           request_id=request_id, issued_at=issued_at, impersonated=impersonated,
                           cluster_id=cluster_id, spki_sha256=spki_sha256, csr_sha256=csr_sha256,
-                          flags=tuple(flags.split(",")) if flags else ())
+                          flags=tuple(flags.split(",")) if flags else (), node=node)
 
 
 def _unusable(conn: psycopg.Connection[Any]) -> bool:

@@ -16,9 +16,10 @@ __all__ = ["RecordQueries", "COLUMNS", "Summary"]
 
 COLUMNS = ("serial", "identity", "caller_identities", "credential_type", "key_type", "not_before",
            "not_after", "signer", "fingerprint_sha256", "peer", "request_id", "issued_at",
-           "impersonated", "cluster_id", "spki_sha256", "csr_sha256", "flags")
-# Added by schema version 2; a reader of a version 1 log sees them empty.
-_V2_COLUMNS = ("spki_sha256", "csr_sha256", "flags")
+           "impersonated", "cluster_id", "spki_sha256", "csr_sha256", "flags", "node")
+# Added by a schema version (2: the monitor's hashes and flags; 3: the node):
+# a reader of an older log sees them empty.
+_ADDED_IN = {"spki_sha256": 2, "csr_sha256": 2, "flags": 2, "node": 3}
 
 
 class Summary(NamedTuple):
@@ -31,6 +32,7 @@ class Summary(NamedTuple):
     credential_type: str
     impersonated: bool
     peer: str
+    node: str                   # the caller's Kubernetes node; "" if unknown (or a log before version 3)
     spki_sha256: str            # "" in a version 1 log
     csr_sha256: str
     ttl_seconds: int            # not_after - not_before
@@ -44,7 +46,7 @@ def _aware(value: dt.datetime) -> dt.datetime:
 class RecordQueries(ABC):
     table = "issuance"
     placeholder = "?"
-    schema_version = 2          # the version of the database read: set by the backend when it opens
+    schema_version = 3          # the version of the database read: set by the backend when it opens
     # How the backend's SQL spells a Summary's decoded columns.
     _first_caller_sql = "json_extract(caller_identities, '$[0]')"
     _epoch_sql = "((julianday({column}) - 2440587.5) * 86400.0)"
@@ -62,9 +64,11 @@ class RecordQueries(ABC):
 
     @property
     def _columns(self) -> str:
-        if self.schema_version >= 2:
-            return ", ".join(COLUMNS)
-        return ", ".join(f"'' AS {c}" if c in _V2_COLUMNS else c for c in COLUMNS)
+        return ", ".join(self._column(c) for c in COLUMNS)
+
+    def _column(self, name: str) -> str:
+        """``name``, or an empty text for a column this log's version lacks."""
+        return name if self.schema_version >= _ADDED_IN.get(name, 1) else f"'' AS {name}"
 
     @property
     def _select(self) -> str:
@@ -111,11 +115,12 @@ class RecordQueries(ABC):
 
     @property
     def _summary_columns(self) -> str:
-        hashes = "spki_sha256, csr_sha256" if self.schema_version >= 2 else "'', ''"
+        column = self._column
         epoch = self._epoch_sql
         ttl = f"CAST(round({epoch.format(column='not_after')} - {epoch.format(column='not_before')}) AS integer)"
         return (f"id, serial, identity, coalesce({self._first_caller_sql}, ''), credential_type, impersonated, "
-                f"peer, {hashes}, {ttl}, {epoch.format(column='issued_at')}")
+                f"peer, {column('node')}, {column('spki_sha256')}, {column('csr_sha256')}, {ttl}, "
+                f"{epoch.format(column='issued_at')}")
 
     def summaries_after(self, last_id: int, limit: int = 2000) -> list[tuple[int, Summary]]:
         """``after``, as Summaries: the columns the monitor reads, decoded in SQL."""

@@ -66,6 +66,7 @@ class IssuanceContext:
     request_id: str
     impersonated: bool = False
     cluster_id: str = ""
+    node: str = ""                        # the caller's Kubernetes node, when its credential says
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class IssuanceRecord:
     spki_sha256: str = ""                 # hex, of the certified public key (SubjectPublicKeyInfo DER)
     csr_sha256: str = ""                  # hex, of the CSR DER as it arrived
     flags: tuple[str, ...] = ()           # issuance-monitoring signals this certificate raised
+    node: str = ""                        # the caller's Kubernetes node ("" if unknown)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -125,7 +127,7 @@ class IssuanceRecord:
             not_after=issued.not_after, signer=context.signer, fingerprint_sha256=issued.fingerprint_sha256,
             peer=context.peer, request_id=context.request_id, issued_at=issued_at,
             impersonated=context.impersonated, cluster_id=context.cluster_id,
-            spki_sha256=issued.spki_sha256, csr_sha256=issued.csr_sha256, flags=())
+            spki_sha256=issued.spki_sha256, csr_sha256=issued.csr_sha256, flags=(), node=context.node)
         return record
 
     def to_dict(self) -> dict[str, Any]:

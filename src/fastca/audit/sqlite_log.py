@@ -31,7 +31,7 @@ from fastca.errors import CANotReady, ConfigurationError
 
 __all__ = ["SqliteAuditLog", "AuditReader", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -63,6 +63,10 @@ _V2 = (
     "ALTER TABLE issuance ADD COLUMN flags TEXT NOT NULL DEFAULT ''",
     "CREATE INDEX IF NOT EXISTS issuance_flagged ON issuance (issued_at) WHERE flags <> ''",
 )
+# Version 3: the caller's Kubernetes node (the monitor's new_node and per-node fan-out).
+_V3 = (
+    "ALTER TABLE issuance ADD COLUMN node TEXT NOT NULL DEFAULT ''",
+)
 
 _INSERT = (f"INSERT INTO issuance ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")
@@ -93,19 +97,19 @@ def _row(record: IssuanceRecord) -> tuple[Any, ...]:
             record.credential_type, record.key_type, _ts(record.not_before), _ts(record.not_after),
             record.signer, record.fingerprint_sha256, record.peer, record.request_id,
             _ts(record.issued_at), int(record.impersonated), record.cluster_id, record.spki_sha256,
-            record.csr_sha256, ",".join(record.flags))
+            record.csr_sha256, ",".join(record.flags), record.node)
 
 
 def _record(row: Sequence[Any]) -> IssuanceRecord:
     (serial, identity, callers, credential_type, key_type, not_before, not_after, signer, fingerprint,
-     peer, request_id, issued_at, impersonated, cluster_id, spki_sha256, csr_sha256, flags) = row
+     peer, request_id, issued_at, impersonated, cluster_id, spki_sha256, csr_sha256, flags, node) = row
     return IssuanceRecord(serial=serial, identity=identity, caller_identities=tuple(json.loads(callers)),
                           credential_type=credential_type, key_type=key_type,
                           not_before=_parse_ts(not_before), not_after=_parse_ts(not_after), signer=signer,
                           fingerprint_sha256=fingerprint, peer=peer, request_id=request_id,
                           issued_at=_parse_ts(issued_at), impersonated=bool(impersonated),
                           cluster_id=cluster_id, spki_sha256=spki_sha256, csr_sha256=csr_sha256,
-                          flags=tuple(flags.split(",")) if flags else ())
+                          flags=tuple(flags.split(",")) if flags else (), node=node)
 
 
 def _connect_writer(path: Path) -> sqlite3.Connection:
@@ -142,7 +146,10 @@ def _migrate(conn: _Connection, path: Path) -> None:
         if version < 2:
             for statement in _V2:
                 conn.execute(statement)
-        # Later versions: `if version < 3: ALTER ...` here, in order.
+        if version < 3:
+            for statement in _V3:
+                conn.execute(statement)
+        # Later versions: `if version < 4: ALTER ...` here, in order.
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

@@ -30,6 +30,7 @@ class KubernetesInfo:
     pod_name: str | None = None
     pod_uid: str | None = None
     cluster_id: str = ""
+    node_name: str | None = None              # the pod's node, when the token says (Kubernetes 1.30+)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 SERVICE_ACCOUNTS_GROUP = "system:serviceaccounts"
 POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
 POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
 
 def token_expiry(token: str) -> float | None:
@@ -248,7 +249,7 @@ class TokenReviewAuthenticator:
             credential_type="k8s-tokenreview",
             kubernetes=KubernetesInfo(namespace=namespace, service_account=service_account,
                                       pod_name=_first(extra.get(POD_NAME_KEY)), pod_uid=_first(extra.get(POD_UID_KEY)),
-                                      cluster_id=cluster.cluster_id))
+                                      cluster_id=cluster.cluster_id, node_name=_first(extra.get(NODE_NAME_KEY))))
 
     async def aclose(self) -> None:
         for api in self._apis.values():

@@ -370,8 +370,8 @@ class NodeAuthorizer:
         if stop is not None:
             await stop()
 
-    async def authorize(self, caller: Caller, requested_identity: str, trust_domain: str | None = None) -> None:
-        """Return if ``caller`` may obtain a certificate for
+    async def authorize(self, caller: Caller, requested_identity: str, trust_domain: str | None = None) -> str:
+        """The caller pod's node if ``caller`` may obtain a certificate for
         ``requested_identity``; raise AuthenticationFailed (public message
         "request impersonation authentication failure") otherwise."""
         trust_domain = trust_domain if trust_domain is not None else self.trust_domain
@@ -402,7 +402,7 @@ class NodeAuthorizer:
         namespace, service_account = requested
         for candidate in await self.pod_source.pods_on_node(pod.node_name):
             if candidate.namespace == namespace and candidate.service_account == service_account:
-                return
+                return pod.node_name
         raise NotOnNode(f"no pod of {namespace}/{service_account} on node {pod.node_name}",
                         caller=caller.identities[0] if caller.identities else "", requested=requested_identity,
                         node=pod.node_name)

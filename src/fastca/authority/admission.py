@@ -66,9 +66,11 @@ class Admission:
             if self._node_authorizer is None:
                 raise AuthenticationFailed("impersonation requested but no trusted node accounts are configured",
                                            public_message=IMPERSONATION_FAILURE)
-            await self._node_authorizer.authorize(caller, impersonate, self.trust_domain)
+            node = await self._node_authorizer.authorize(caller, impersonate, self.trust_domain)
+        else:
+            node = None
         return self._decide(caller, info, csr=csr, ttl_seconds=ttl_seconds, impersonate=impersonate,
-                            request_id=request_id, fresh_credential=fresh_credential)
+                            request_id=request_id, fresh_credential=fresh_credential, node=node)
 
     def admit_now(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int,
                   impersonate: str, request_id: str) -> tuple[IssueRequest, IssuanceContext] | None:
@@ -79,13 +81,18 @@ class Admission:
         return self._decide(caller, info, csr=csr, ttl_seconds=ttl_seconds, impersonate="", request_id=request_id)
 
     def _decide(self, caller: Caller, info: RequestInfo, *, csr: bytes, ttl_seconds: int, impersonate: str,
-                request_id: str, fresh_credential: bool = False) -> tuple[IssueRequest, IssuanceContext]:
+                request_id: str, fresh_credential: bool = False,
+                node: str | None = None) -> tuple[IssueRequest, IssuanceContext]:
+        """``node``: the caller's node as the node authorizer found it (else
+        what its credential says, if anything)."""
         identity = impersonate or spiffe_identity_of(caller, self.trust_domain)
         self._policy.check(identity, info.peer_ip)
+        if node is None:
+            node = caller.kubernetes.node_name if caller.kubernetes is not None else None
         ttl_cap = None
         if self._risk is not None:
             ttl_cap = self._risk.check(identity, caller, fresh_credential=fresh_credential,
-                                       impersonated=bool(impersonate))
+                                       impersonated=bool(impersonate), node=node or "")
             if ttl_cap is not None or fresh_credential:
                 log.warning("risk policy applied", identity=identity, signer=self.signer, request_id=request_id,
                             shortened_ttl_seconds=ttl_cap, token_reviewed_again=fresh_credential)
@@ -93,7 +100,7 @@ class Admission:
                              strict_csr=self._policy.strict_csr and not impersonate),
                 IssuanceContext(caller_identities=caller.identities, credential_type=caller.credential_type,
                                 signer=self.signer, peer=info.peer, request_id=request_id,
-                                impersonated=bool(impersonate), cluster_id=info.cluster_id))
+                                impersonated=bool(impersonate), cluster_id=info.cluster_id, node=node or ""))
 
     def admit_local(self, principal: LocalPrincipal, *, identity: str, csr: bytes, ttl_seconds: int,
                     request_id: str, dns_names: tuple[str, ...] = (),

@@ -102,14 +102,13 @@ def bare_peer_ip(peer: str) -> str:
 
 
 def observation_of(summary: Summary) -> Observation:
-    """What the tracker is told of a recorded certificate. The node is not in
-    the audit record, so the location signals work on the source network."""
+    """What the tracker is told of a recorded certificate."""
     return Observation(
         at=summary.issued_at,
         identity=summary.identity,
         caller=summary.caller,
         impersonated=bool(summary.impersonated),
-        node="",
+        node=summary.node,
         peer_ip=bare_peer_ip(summary.peer),
         spki_sha256=bytes.fromhex(summary.spki_sha256),
         csr_sha256=bytes.fromhex(summary.csr_sha256),

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from fastca.authn.caller import Caller
 from fastca.errors import FreshCredentialRequired, PolicyDenied
+from fastca.monitoring.tracker import caller_subject
 
 __all__ = ["RiskPolicy", "RiskScores", "CACHED_CREDENTIALS"]
 
@@ -39,14 +40,14 @@ class RiskPolicy:
         self.shortened_ttl_seconds = shortened_ttl_seconds if "shorten_ttl" in actions else None
 
     def check(self, identity: str, caller: Caller, *, fresh_credential: bool,
-              impersonated: bool = False) -> int | None:
+              impersonated: bool = False, node: str = "") -> int | None:
         """None when the identity is not high-risk or nothing applies; else
         the TTL cap to issue under, or raise what the policy says. A node
         agent asking on a workload's behalf is judged by the higher of the
         two scores: a node agent fanning out is the risk, not the workloads."""
         score = self._scores.score(identity)
         if impersonated and caller.identities:
-            score = max(score, self._scores.score(caller.identities[0]))
+            score = max(score, self._scores.score(caller_subject(caller.identities[0], node)))
         if score < self.threshold:
             return None
         if self.refuse:
