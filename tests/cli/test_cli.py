@@ -96,3 +96,28 @@ def test_issue_refuses_to_sign_when_the_audit_log_cannot_be_written(state, tmp_p
     assert proc.returncode == 2 and "audit log" in proc.stderr and "BEGIN CERTIFICATE" not in proc.stdout
     assert run_fastca("audit", "list", "--state", str(state), "--json").stdout == before
     assert os.path.getsize(blocked) == 0
+
+
+def test_risk_and_flagged_on_a_log_without_alerts(state, tmp_path):
+    """`fastca risk` replays the log: one CSR issued by the operator for two
+    identities is a replayed CSR and a key reuse (and, with no learning
+    period configured, a new identity); nothing is flagged, since flags are
+    the server's; a state without a log says so."""
+    for identity in ("spiffe://example.org/ns/ops/sa/one", "spiffe://example.org/ns/ops/sa/two"):
+        run_fastca("issue", "--state", str(state), "--csr", str(AGENT_CSRS / "ec256-0002.csr.pem"),
+                   "--identity", identity)
+    env = {"FASTCA_MONITORING__LEARNING_SECONDS": "0"}
+    report = json.loads(run_fastca("risk", "--state", str(state), "--json", env=env).stdout)
+    assert report["records_read"] >= 2 and report["threshold"] == 50
+    top = report["subjects"][0]
+    assert top["identity"] == "spiffe://example.org/ns/ops/sa/two"
+    assert [s["signal"] for s in top["signals"]] == ["csr_replay", "key_reuse", "new_identity"]   # newest first
+    assert top["score"] == pytest.approx(75, abs=0.5) and top["high_risk"]
+    table = run_fastca("risk", "--state", str(state), "--identity", "spiffe://example.org/ns/ops/sa/two",
+                       env={**env, "COLUMNS": "400"}).stdout
+    assert "key_reuse" in table and "was certified for spiffe://example.org/ns/ops/sa/one" in table
+    assert json.loads(run_fastca("audit", "list", "--state", str(state), "--flagged", "--json").stdout) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = run_fastca("risk", "--state", str(empty), check=False)
+    assert refused.returncode != 0 and "no audit log" in refused.stderr
