@@ -4,7 +4,7 @@ issued through either is scored by both, so risk policy acts whichever
 worker takes the next connection, and it is reported once (worker 0). Two
 replicas on one PostgreSQL log (behind one port, one network HSM): each
 derives the score from the other's certificates too; the record is
-flagged once."""
+flagged, and the alert reported, once."""
 
 from __future__ import annotations
 
@@ -119,9 +119,17 @@ def test_replicas_on_one_postgresql_log_derive_the_same_scores(tmp_path, apiserv
         root = replicas[0].root_pem
         _, key = _issue(address, root, "owner")
         chain, _ = _issue(address, root, "copier", key)
-        # Each replica's worker 0 follows the shared log: both raise it, whichever issued.
-        for replica in replicas:
-            _until(lambda replica=replica: alert_counts(_metrics_port(replica))["key_reuse"] == 1)
+        # Each replica follows the shared log and raises it, whichever issued;
+        # the first to flag the record reports it, so it is counted once in all.
+        ports = [_metrics_port(replica) for replica in replicas]
+        _until(lambda: sum(alert_counts(port)["key_reuse"] for port in ports) == 1)
+        time.sleep(1.0)
+        assert sum(alert_counts(port)["key_reuse"] for port in ports) == 1
+        assert sum(1 for replica in replicas for e in replica.log_events()
+                   if e.get("event") == "issuance alert" and e.get("signal") == "key_reuse") == 1
         assert _flags(state, serial_of(chain)) == ["new_identity", "key_reuse"]         # flagged once
+        # Both derived the score: whichever replica takes the connection refuses.
         assert _refusals(address, root, "copier") == ["PERMISSION_DENIED"] * CONNECTIONS
+        denied = [_denied(port) for port in ports]
+        assert sum(denied) == CONNECTIONS and all(denied), denied
         assert _refusals(address, root, "owner") == ["OK"] * CONNECTIONS

@@ -151,12 +151,20 @@ def test_replay_recent_reads_only_the_recent_past_and_ends_at_the_end(audit) -> 
 # -- MonitoringService -----------------------------------------------------------
 
 
-def test_replayed_history_is_scored_not_reported_and_new_records_are_reported(audit, services) -> None:
+def test_replayed_history_is_scored_reported_only_if_unflagged_and_new_records_are_reported(audit, services) -> None:
+    """At start the history is scored; what it raises was reported by whoever
+    ran then (its flag is there) unless nobody did (no flag yet: reported now,
+    once). Then every new alert is reported once, by the reporting process."""
     path, log, reader = audit
     alice = record(1, ALICE)
     bob = record(2, BOB, spki=alice.spki_sha256)           # a key reuse, in the history
     dave = record(3, DAVE)
     log.record_many_sync([alice, bob, dave])
+    # A previous reporter flagged (so reported) all of it but dave's arrival.
+    writable = AuditReader(path, writable=True)
+    for serial, signal in ((alice.serial, "new_identity"), (bob.serial, "new_identity"), (bob.serial, "key_reuse")):
+        assert writable.flag(serial, signal)
+    writable.close()
 
     with structlog.testing.capture_logs() as captured:
         reporting, metrics, alerts = start(services, path, reports=True)
@@ -165,38 +173,41 @@ def test_replayed_history_is_scored_not_reported_and_new_records_are_reported(au
         eventually(lambda: reporting.records_seen == 3, "the history replayed")
         assert reporting.score(BOB) > 0 and reporting.score(BOB) > reporting.score(DAVE) > 0
         assert [e["records"] for e in events(captured, "issuance monitor replayed the recent audit log")] == [3]
-        assert reader.list(flagged=True) == []
-        assert alerts == [] and events(captured, "issuance alert") == []
-        assert set(counted(metrics).values()) == {0.0} and set(counted(metrics)) == set(SIGNALS)
+        # Only what nobody had reported is reported, late.
+        assert [(a.signal, a.identity) for a in alerts] == [("new_identity", DAVE)]
+        assert reader.get(dave.serial).flags == ("new_identity",)
+        assert [e["signal"] for e in events(captured, "issuance alert")] == ["new_identity"]
+        assert counted(metrics)["new_identity"] == 1.0 and sum(counted(metrics).values()) == 1.0
+        assert set(counted(metrics)) == set(SIGNALS)
 
         # Dave, known already, now with alice's key: reported, once.
         reused = record(4, DAVE, spki=alice.spki_sha256)
         log.record_many_sync([reused])
         reporting.poll_now()
-        eventually(lambda: alerts, "the key reuse reported")
-        assert [(a.signal, a.identity, a.serial) for a in alerts] == [("key_reuse", DAVE, reused.serial)]
+        eventually(lambda: len(alerts) == 2, "the key reuse reported")
+        assert [(a.signal, a.identity, a.serial) for a in alerts[1:]] == [("key_reuse", DAVE, reused.serial)]
         assert counted(metrics)["key_reuse"] == 1.0
-        assert sum(counted(metrics).values()) == 1.0
+        assert sum(counted(metrics).values()) == 2.0
         assert reader.get(reused.serial).flags == ("key_reuse",)
-        assert [r.serial for r in reader.list(flagged=True)] == [reused.serial]
-        (line,) = events(captured, "issuance alert")
+        assert {r.serial for r in reader.list(flagged=True)} == {alice.serial, bob.serial, dave.serial, reused.serial}
+        line = events(captured, "issuance alert")[-1]
         assert line["log_level"] == "warning"
         assert (line["signal"], line["subject"], line["serial"], line["caller"]) == \
             ("key_reuse", DAVE, reused.serial, DAVE)
         # The subject's score just after the alert, at the certificate's time.
         at = reused.issued_at.timestamp()
-        assert line["score"] == round(alerts[0].score, 1) == round(reporting.monitor.score(DAVE, at), 1) > 40
+        assert line["score"] == round(alerts[1].score, 1) == round(reporting.monitor.score(DAVE, at), 1) > 40
         assert reporting.records_seen == 4
 
         # A refusal, never in the log, is reported by the process that refused it.
         reporting.refused_impersonation(ZTUNNEL, ERIN, "10.0.0.9", "node-1")
         reporting.poll_now()
-        eventually(lambda: len(alerts) == 2, "the refusal reported")
-        assert (alerts[1].signal, alerts[1].identity, alerts[1].caller, alerts[1].serial) == \
+        eventually(lambda: len(alerts) == 3, "the refusal reported")
+        assert (alerts[2].signal, alerts[2].identity, alerts[2].caller, alerts[2].serial) == \
             ("node_impersonation", ERIN, ZTUNNEL, "")
         assert counted(metrics)["node_impersonation"] == 1.0
         assert reporting.score(ERIN) == 50.0 == reporting.score(caller_subject(ZTUNNEL, "node-1"))
-        assert [r.serial for r in reader.list(flagged=True)] == [reused.serial]     # no serial: no flag
+        assert len(reader.list(flagged=True)) == 4                                 # no serial: no flag
 
         # Another process, not reporting, derives the same scores from the log alone.
         quiet, quiet_metrics, quiet_alerts = start(services, path, reports=False)
@@ -206,6 +217,15 @@ def test_replayed_history_is_scored_not_reported_and_new_records_are_reported(au
             assert quiet.score(identity) == pytest.approx(reporting.score(identity))
         assert quiet.score(DAVE) > 0
         assert quiet.score(ERIN) == 0.0                   # the refusal was the other process's
+
+        # A second reporting process over the same log (a replica) raises the
+        # same alerts and reports none of them: their flags are there.
+        twin, twin_metrics, twin_alerts = start(services, path, reports=True)
+        assert twin.replayed.wait(WAIT)
+        eventually(lambda: twin.records_seen == 4, "the twin replayed the log")
+        assert twin.monitor.alerts_by_signal["key_reuse"] == 2 and twin_alerts == []
+        assert set(counted(twin_metrics).values()) == {0.0}
+        twin.stop()
 
         # The reporting one stops (its thread joined); the quiet one sees the next
         # key reuse, scores it, and reports nothing.
@@ -220,8 +240,8 @@ def test_replayed_history_is_scored_not_reported_and_new_records_are_reported(au
         assert quiet_alerts == []
         assert set(counted(quiet_metrics).values()) == {0.0}
         assert reader.get(again.serial).flags == ()
-        assert [r.serial for r in reader.list(flagged=True)] == [reused.serial]
-        assert len(events(captured, "issuance alert")) == 2            # the two of the reporting process
+        assert len(reader.list(flagged=True)) == 4
+        assert len(events(captured, "issuance alert")) == 3            # the reporting process's three
         quiet.stop()
         assert not quiet._thread.is_alive()
     assert events(captured, "issuance monitor step failed") == []

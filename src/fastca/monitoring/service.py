@@ -5,14 +5,19 @@ Every server process runs one, so each has every identity's score at hand
 for policy (a read without a lock) without asking anyone: the scores are
 derived from the log, which all workers, and all replicas on a shared
 PostgreSQL log, write to. One process per server reports (``reports``):
-the alert counter, one structured log line per alert and the flag on the
-audit record that raised it. Refusals (an impersonation the node authorizer
-denied, failed authentication) never reach the log; the process that
-refused reports them itself.
+the flag on the audit record that raised the alert, and, if that flag was
+not there yet, the alert counter and one structured log line. The flag is
+added once whoever tries (fastca.audit.queries.flag), so an alert is
+reported once however many replicas raise it, and one raised while no
+reporter was running (a restart) is reported when the next one catches up.
+Refusals (an impersonation the node authorizer denied, failed
+authentication) never reach the log; the process that refused reports them
+itself.
 
 At start the thread first replays the recent log (``replay_seconds``, at
-most ``replay_max_records``) without reporting, so a restarted process
-knows the mesh again and policy sees the same scores in every worker.
+most ``replay_max_records``), so a restarted process knows the mesh again
+and policy sees the same scores in every worker; what it raises there is
+reported only if nobody flagged it before.
 """
 
 from __future__ import annotations
@@ -146,7 +151,8 @@ class MonitoringService:
         """A cursor at the end of the log, with the recent past already seen
         (reported when it happened, by whoever ran then: only scored now)."""
         cursor, replayed = replay_recent(self.monitor, reader, self.config, self._clock.now,
-                                         stop=self._stop.is_set)
+                                         stop=self._stop.is_set,
+                                         on_alerts=self._report_all if self.reports else None)
         self.records_seen += replayed
         if replayed:
             log.info("issuance monitor replayed the recent audit log", records=replayed,
@@ -171,17 +177,24 @@ class MonitoringService:
             for alert in alerts:
                 self._report(alert)
 
+    def _report_all(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            self._report(alert)
+
     def _report(self, alert: Alert) -> None:
+        """Flag the record, then count and log the alert unless its flag was
+        there already (another replica, or an earlier run, reported it)."""
+        if alert.serial and self._reader is not None:
+            try:
+                if not self._reader.flag(alert.serial, alert.signal):
+                    return
+            except FastcaError as error:        # reported unflagged rather than not at all
+                log.error("could not flag the audit record", serial=alert.serial, signal=alert.signal,
+                          reason=str(error))
         if self._metrics is not None:
             self._metrics.monitoring_alert(alert.signal)
         log.warning("issuance alert", signal=alert.signal, subject=alert.identity, caller=alert.caller,
                     serial=alert.serial, score=round(alert.score, 1), detail=alert.detail)
-        if alert.serial and self._reader is not None:
-            try:
-                self._reader.flag(alert.serial, alert.signal)
-            except FastcaError as error:
-                log.error("could not flag the audit record", serial=alert.serial, signal=alert.signal,
-                          reason=str(error))
         if self._on_alert is not None:
             self._on_alert(alert)
 
@@ -216,11 +229,12 @@ def observe_rows(monitor: IssuanceMonitor, rows: list[tuple[int, Any]]) -> list[
 
 
 def replay_recent(monitor: IssuanceMonitor, reader: RecordQueries, config: MonitoringConfig,
-                  clock: Callable[[], float], *, stop: Callable[[], bool] = lambda: False) -> tuple[LogCursor, int]:
+                  clock: Callable[[], float], *, stop: Callable[[], bool] = lambda: False,
+                  on_alerts: Callable[[list[Alert]], None] | None = None) -> tuple[LogCursor, int]:
     """Score the last ``replay_seconds`` of the log (at most
-    ``replay_max_records``) into ``monitor``; (a cursor at the end of what
-    was read, records read). What a server process does at start and what
-    ``fastca risk`` shows."""
+    ``replay_max_records``) into ``monitor``, handing what it raises to
+    ``on_alerts``; (a cursor at the end of what was read, records read).
+    What a server process does at start and what ``fastca risk`` shows."""
     end = reader.last_id()
     since = dt.datetime.fromtimestamp(clock() - config.replay_seconds, dt.timezone.utc)
     start = max(reader.id_before(since), end - config.replay_max_records) if config.replay_seconds else end
@@ -230,7 +244,9 @@ def replay_recent(monitor: IssuanceMonitor, reader: RecordQueries, config: Monit
         rows = cursor.read(_READ_LIMIT, until_id=end)
         if not rows:
             break
-        observe_rows(monitor, rows)
+        alerts = observe_rows(monitor, rows)
+        if alerts and on_alerts is not None:
+            on_alerts(alerts)
         replayed += len(rows)
         time.sleep(0)
     return cursor, replayed
