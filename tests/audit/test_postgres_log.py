@@ -72,6 +72,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_records(postgres: Postgr
     try:
         assert old_reader.get("4a3f").flags == () and old_reader.get("4a3f").spki_sha256 == ""
         assert old_reader.get("4a3f").node == ""
+        assert old_reader.list(flagged=True) == [] and len(old_reader.list()) == 1
         [(_, summary)] = old_reader.summaries_after(0)      # and so does the issuance monitor
         assert (summary.serial, summary.caller, summary.node, summary.spki_sha256) == ("4a3f", "", "", "")
     finally:

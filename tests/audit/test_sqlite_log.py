@@ -75,6 +75,7 @@ def test_a_version_1_log_is_migrated_and_keeps_its_records(db: Path) -> None:
         conn.execute("PRAGMA user_version = 1")
     old = AuditReader(db)                        # a reader of the old file sees the new fields empty
     assert old.get("4a3f").flags == () and old.get("4a3f").spki_sha256 == "" and old.get("4a3f").node == ""
+    assert old.list(flagged=True) == [] and len(old.list()) == 1
     [(_, summary)] = old.summaries_after(0)      # and so does the issuance monitor
     assert (summary.serial, summary.caller, summary.node, summary.spki_sha256, summary.ttl_seconds) == \
         ("4a3f", "", "", "", 86_400)

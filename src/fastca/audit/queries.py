@@ -82,6 +82,8 @@ class RecordQueries(ABC):
         parameters: list[Any] = []
         p = self.placeholder
         if flagged:
+            if self.schema_version < _ADDED_IN["flags"]:
+                return []           # a log from before flags: nothing in it was flagged
             where.append("flags <> ''")
         if identity is not None:
             where.append(f"identity = {p}")

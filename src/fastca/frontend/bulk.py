@@ -70,7 +70,7 @@ class CreateCertificates:
             for index, element in enumerate(request.requests):
                 service.metrics.csr_received()
                 try:
-                    authority, issue_request, issue_context = await service.admit(
+                    authority, issue_request, issue_context, caller = await service.admit(
                         element, caller, info, f"{request_id}.{index}")
                 except FastcaError as error:
                     outcomes.append(error)

@@ -145,10 +145,12 @@ class IssuanceService:
         call.on_cancel = task.cancel
 
     async def admit(self, request: istio_ca_pb2.IstioCertificateRequest, caller: Caller, info: RequestInfo,
-                    request_id: str) -> tuple[Authority, IssueRequest, IssuanceContext]:
-        """The Authority the request's CertSigner names, and its admission
-        verdict. When risk policy wants the caller's token reviewed again, it
-        is (bypassing the TokenReview cache) and the request admitted again."""
+                    request_id: str) -> tuple[Authority, IssueRequest, IssuanceContext, Caller]:
+        """The Authority the request's CertSigner names, its admission
+        verdict, and the caller as admitted. When risk policy wants the
+        caller's token reviewed again, it is (bypassing the TokenReview
+        cache) and the request admitted again; the caller returned is then
+        the freshly reviewed one (a bulk call's next elements use it)."""
         metadata = metadata_strings(request.metadata)
         authority = self.authorities.select(metadata.get(CERT_SIGNER, ""))
         fresh = False
@@ -164,7 +166,7 @@ class IssuanceService:
                 caller = await self.authenticators.authenticate(info, fresh=True)
                 fresh = True
                 continue
-            return authority, issue_request, context
+            return authority, issue_request, context, caller
 
     def issued(self, seconds: float, count: int = 1) -> None:
         self.metrics.issued(count)
@@ -270,7 +272,7 @@ class CreateCertificate:
         try:
             if caller is None:
                 caller = await self._service.authenticators.authenticate(info)
-            authority, issue_request, context = await self._service.admit(request, caller, info, request_id)
+            authority, issue_request, context, _ = await self._service.admit(request, caller, info, request_id)
             if not call.closed:
                 self._submit(call, authority, (issue_request, context), request_id)
         except Exception as error:  # noqa: BLE001 - answered, never raised into the loop
