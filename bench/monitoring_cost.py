@@ -76,7 +76,7 @@ import tomli_w
 from bench.fake_apiserver import FakeApiServer
 from bench.fastca_server import FastcaServer
 from bench.loadgen import IstioTarget, LoadSpec, make_csrs, process_tree_cpu_seconds
-from bench.replicas import _own_cpu_seconds, _stop_on_sigterm, drive
+from bench.replicas import _own_cpu_seconds, _stop_on_sigterm, add_round_options, drive
 
 __all__ = ["SIDES", "measure", "main", "monitoring_settings"]
 
@@ -288,12 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench monitoring-cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell and round [10]")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the window [5]")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--key-type", default="ec-p256", help="the CA key (fastca init --key-type) [ec-p256]")
-    parser.add_argument("--csr-type", default="rsa-2048", help="the agents' CSR keys [rsa-2048, as istio-agent]")
+    add_round_options(parser)
     parser.add_argument("--csrs", type=int, default=2048,
                         help="distinct CSRs the generator cycles through [2048, as every bench]; more than a "
                              "cell's requests and no CSR is sent twice (no csr_replay alerts)")

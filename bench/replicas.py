@@ -394,16 +394,21 @@ def _stop_on_sigterm() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench replicas", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_round_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a bench that alternates cells under the grpc-go generator."""
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell and round [10]")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the window [5]")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--key-type", default="ec-p256", help="the CA key (fastca init --key-type) [ec-p256]")
     parser.add_argument("--csr-type", default="rsa-2048", help="the agents' CSR keys [rsa-2048, as istio-agent]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench replicas", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_round_options(parser)
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded default (SQLite, --workers 2)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

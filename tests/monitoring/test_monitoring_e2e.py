@@ -278,7 +278,6 @@ def test_steady_population_then_each_anomaly_raises_exactly_its_alert_and_policy
         time.sleep(1.0)
     later = mesh.risk(spiffe("app-1"))["score"]
     assert later < THRESHOLD < start
-    time.sleep(0.5)     # the server's own clock reads the same decay
     calm_again = mesh.issue("app-1", bearer=own)
     reviews = mesh.reviews_of(own)              # at most one more: the cached review may have expired
     assert lifetime(calm_again) >= TTL and lifetime(mesh.issue("app-1", bearer=own)) >= TTL

@@ -107,13 +107,26 @@ class RecordQueries(ABC):
     def count(self) -> int:
         return int(self._query(f"SELECT count(*) FROM {self.table}")[0][0])
 
+    # -- following the log: by id, as records or as Summaries
+
     def after(self, last_id: int, limit: int = 2000) -> list[tuple[int, IssuanceRecord]]:
         """Records committed after the one with id ``last_id``, oldest first,
-        with their ids: how the issuance monitor follows the log."""
-        p = self.placeholder
-        rows = self._query(f"SELECT id, {self._columns} FROM {self.table} WHERE id > {p} ORDER BY id LIMIT {p}",
-                           (int(last_id), max(1, int(limit))))
-        return [(int(row[0]), self._record(row[1:])) for row in rows]
+        with their ids: how a follower reads the log."""
+        return self._after(f"id, {self._columns}", self._record, last_id, limit)
+
+    def with_ids(self, ids: Sequence[int]) -> list[tuple[int, IssuanceRecord]]:
+        """The records among ``ids`` that exist, by id: a follower's second
+        look at ids it saw skipped (on PostgreSQL a transaction that took an
+        id earlier can commit later)."""
+        return self._with_ids(f"id, {self._columns}", self._record, ids)
+
+    def summaries_after(self, last_id: int, limit: int = 2000) -> list[tuple[int, Summary]]:
+        """``after``, as Summaries: the columns the monitor reads, decoded in SQL."""
+        return self._after(self._summary_columns, Summary._make, last_id, limit)
+
+    def summaries_with_ids(self, ids: Sequence[int]) -> list[tuple[int, Summary]]:
+        """``with_ids``, as Summaries."""
+        return self._with_ids(self._summary_columns, Summary._make, ids)
 
     @property
     def _summary_columns(self) -> str:
@@ -124,33 +137,19 @@ class RecordQueries(ABC):
                 f"peer, {column('node')}, {column('spki_sha256')}, {column('csr_sha256')}, {ttl}, "
                 f"{epoch.format(column='issued_at')}")
 
-    def summaries_after(self, last_id: int, limit: int = 2000) -> list[tuple[int, Summary]]:
-        """``after``, as Summaries: the columns the monitor reads, decoded in SQL."""
+    def _after(self, columns: str, decode: Any, last_id: int, limit: int) -> list[tuple[int, Any]]:
         p = self.placeholder
-        rows = self._query(f"SELECT {self._summary_columns} FROM {self.table} WHERE id > {p} ORDER BY id LIMIT {p}",
+        rows = self._query(f"SELECT {columns} FROM {self.table} WHERE id > {p} ORDER BY id LIMIT {p}",
                            (int(last_id), max(1, int(limit))))
-        return [(row[0], Summary._make(row[1:])) for row in rows]
+        return [(int(row[0]), decode(row[1:])) for row in rows]
 
-    def summaries_with_ids(self, ids: Sequence[int]) -> list[tuple[int, Summary]]:
-        """``with_ids``, as Summaries."""
+    def _with_ids(self, columns: str, decode: Any, ids: Sequence[int]) -> list[tuple[int, Any]]:
         if not ids:
             return []
         marks = ", ".join([self.placeholder] * len(ids))
-        rows = self._query(f"SELECT {self._summary_columns} FROM {self.table} WHERE id IN ({marks}) ORDER BY id",
+        rows = self._query(f"SELECT {columns} FROM {self.table} WHERE id IN ({marks}) ORDER BY id",
                            [int(i) for i in ids])
-        return [(row[0], Summary._make(row[1:])) for row in rows]
-
-    def with_ids(self, ids: Sequence[int]) -> list[tuple[int, IssuanceRecord]]:
-        """The records among ``ids`` that exist, by id: a follower's second
-        look at ids it saw skipped (on PostgreSQL a transaction that took an
-        id earlier can commit later)."""
-        if not ids:
-            return []
-        p = self.placeholder
-        marks = ", ".join([p] * len(ids))
-        rows = self._query(f"SELECT id, {self._columns} FROM {self.table} WHERE id IN ({marks}) ORDER BY id",
-                           [int(i) for i in ids])
-        return [(int(row[0]), self._record(row[1:])) for row in rows]
+        return [(int(row[0]), decode(row[1:])) for row in rows]
 
     def id_before(self, since: dt.datetime) -> int:
         """The id to follow from (``after``) to read every record issued at

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, runtime_checkable
+from urllib.parse import unquote
 
 from fastca.errors import AuthenticationFailed
 
-__all__ = ["KubernetesInfo", "Caller", "RequestInfo", "Authenticator", "MAX_BEARER_TOKEN_BYTES", "PENDING"]
+__all__ = ["KubernetesInfo", "Caller", "RequestInfo", "Authenticator", "MAX_BEARER_TOKEN_BYTES", "PENDING",
+           "peer_host"]
 
 class _Pending:
     """What ``authenticate_now`` returns when only awaiting can tell."""
@@ -21,6 +23,19 @@ PENDING = _Pending()
 
 # Service-account and OIDC tokens are a few KiB; anything far larger is refused unread.
 MAX_BEARER_TOKEN_BYTES = 16 * 1024
+
+
+def peer_host(peer: str) -> str:
+    """The address in a gRPC peer string, bare: 'ipv4:10.1.2.3:5000' ->
+    '10.1.2.3', 'ipv6:[fd00::1]:5000' (brackets maybe percent-encoded) ->
+    'fd00::1'; '' for other transports ('unix:...', 'local'). The audit log
+    keeps the same strings."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return unquote(rest).rpartition(":")[0].strip("[]")
+    return ""
 
 
 @dataclass(frozen=True)

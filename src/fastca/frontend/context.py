@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from urllib.parse import unquote
 
-from fastca.authn.caller import RequestInfo
+from fastca.authn.caller import RequestInfo, peer_host
 from fastca.frontend._grpc import Call
 
 __all__ = ["request_info", "peer_ip"]
@@ -17,12 +16,8 @@ __all__ = ["request_info", "peer_ip"]
 @functools.lru_cache(maxsize=8192)
 def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """'ipv4:127.0.0.1:5000' / 'ipv6:[::1]:5000' -> address; other transports -> None."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        host = rest.rsplit(":", 1)[0]
-    elif kind == "ipv6":
-        host = unquote(rest).rsplit(":", 1)[0].strip("[]")
-    else:
+    host = peer_host(peer)
+    if not host:
         return None
     try:
         return ipaddress.ip_address(host)

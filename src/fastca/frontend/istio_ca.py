@@ -41,8 +41,7 @@ from fastca.errors import (
     grpc_status_of,
 )
 from fastca.frontend._grpc import INTERNAL, RESOURCE_EXHAUSTED, Call
-from fastca.frontend.context import request_info
-from fastca.monitoring.follower import bare_peer_ip
+from fastca.frontend.context import peer_ip, request_info
 from fastca.observability.logging import get_logger, log_many, new_request_id
 from fastca.proto import istio_ca_pb2
 
@@ -181,7 +180,8 @@ class IssuanceService:
             if call is not None and self.endpoint is not None:
                 self.endpoint.authentication_refused(call)
             if self.monitoring is not None and call is not None:
-                peer = bare_peer_ip(call.connection.peer)
+                address = peer_ip(call.connection.peer)
+                peer = str(address) if address is not None else ""
                 if isinstance(error, NotOnNode):
                     self.monitoring.refused_impersonation(error.caller, error.requested, peer, error.node)
                 else:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from fastca.audit.queries import RecordQueries, Summary
 from fastca.audit.record import IssuanceRecord
+from fastca.authn.caller import peer_host
 from fastca.monitoring.tracker import Observation
 
 __all__ = ["LogCursor", "LogSource", "Summaries", "observation_of", "bare_peer_ip", "monitored"]
@@ -86,19 +87,8 @@ class LogCursor:
         return found
 
 
-@lru_cache(maxsize=4096)     # an agent's connection sends the same peer string call after call
-def bare_peer_ip(peer: str) -> str:
-    """'ipv4:10.1.2.3:5000' -> '10.1.2.3', 'ipv6:[fd00::1]:5000' -> 'fd00::1';
-    '' for anything else ('local', a unix socket)."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    if kind == "ipv6":
-        host = rest.rpartition(":")[0]
-        if host.startswith("%5B") or host.startswith("%5b"):       # percent-encoded brackets
-            host = "[" + host[3:-3] + "]"
-        return host.strip("[]")
-    return ""
+# An agent's connection records the same peer string certificate after certificate.
+bare_peer_ip = lru_cache(maxsize=4096)(peer_host)
 
 
 def observation_of(summary: Summary) -> Observation:

@@ -80,10 +80,7 @@ class MonitoringService:
         self.replayed = threading.Event()        # set once the start-up replay is done
         self.records_seen = 0
 
-    # -- the request path (event loop): cheap, never blocks
-
-    def high_risk(self, identity: str) -> bool:
-        return self.monitor.high_risk(identity)
+    # -- the request path (event loop): cheap, never blocks (risk policy reads ``monitor`` itself)
 
     def score(self, identity: str) -> float:
         return self.monitor.score(identity)
@@ -106,10 +103,13 @@ class MonitoringService:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._reader is not None:
-            close = getattr(self._reader, "close", None)
-            if close is not None:
-                close()
+        self._close_reader()
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        close = getattr(reader, "close", None)
+        if close is not None:
+            close()
 
     def poll_now(self) -> None:
         """Read the log now rather than at the next poll (tests, shutdown)."""
@@ -203,11 +203,8 @@ class MonitoringService:
         if self._down_since is None:
             self._down_since = now
             log.error("issuance monitor cannot read the audit log; retrying", reason=str(error))
-        if self._cursor is None and self._reader is not None:
-            close = getattr(self._reader, "close", None)
-            if close is not None:
-                close()
-            self._reader = None
+        if self._cursor is None:        # opened, but the replay failed: open afresh next time
+            self._close_reader()
 
 
 def observe_rows(monitor: IssuanceMonitor, rows: list[tuple[int, Any]]) -> list[Alert]:
