@@ -4,8 +4,9 @@ on a pod file): a steady population renewing raises nothing over a measured
 period; each injected anomaly (burst, key reuse across two identities, a
 replayed CSR, a new source network, a new node, a node agent's fan-out) raises exactly
 its alert, flags the certificate that raised it and moves its subject's
-score, which then decays; the opt-in risk policy acts on a high-risk
-identity's next request (a fresh TokenReview and a shortened TTL on one
+score, which then decays; so does each refusal signal (a node agent asking
+for a pod not on its node, bad tokens from one address), without a flag.
+The opt-in risk policy acts on a high-risk identity's next request (a fresh TokenReview and a shortened TTL on one
 signer, PERMISSION_DENIED on the other) and stops once the score decays.
 
 The monitor's windows are scaled down from hours to seconds in the
@@ -223,10 +224,28 @@ def test_steady_population_then_each_anomaly_raises_exactly_its_alert_and_policy
         mesh.impersonate(name)
     counts = mesh.wait_for_alert("fan_out", counts)
 
+    # --- refusals, which never reach the audit log: observed by the refusing process
+    # ztunnel asks for an identity with no pod on its node: refused, and an alert.
+    with pytest.raises(grpc.RpcError) as refused:
+        mesh.impersonate("ghost")
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    counts = mesh.wait_for_alert("node_impersonation", counts)
+    # One address presenting bad tokens, many times: an alert for that peer.
+    for _ in range(25):
+        with pytest.raises(grpc.RpcError) as refused:
+            mesh.issue("app-7", bearer="not-a-token")
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    counts = mesh.wait_for_alert("auth_failures", counts)
+
     # Each alert: one log line naming its signal, and a flag on the certificate that raised it.
     lines = mesh.alert_lines()
-    injected = ["burst", "key_reuse", "csr_replay", "new_network", "new_node", "fan_out"]
-    assert sorted(line["signal"] for line in lines) == sorted(injected)
+    issued_alerts = ["burst", "key_reuse", "csr_replay", "new_network", "new_node", "fan_out"]
+    assert sorted(line["signal"] for line in lines) == sorted([*issued_alerts, "node_impersonation", "auth_failures"])
+    refusal_lines = [line for line in lines if line["signal"] in ("node_impersonation", "auth_failures")]
+    assert [line["serial"] for line in refusal_lines] == ["", ""]                # no certificate: nothing to flag
+    assert refusal_lines[0]["subject"] == spiffe("ghost") and refusal_lines[0]["caller"] == ZTUNNEL
+    assert "127.0.0.1" in refusal_lines[1]["detail"]
+    lines = [line for line in lines if line not in refusal_lines]
     flagged = json.loads(run_fastca("audit", "list", "--state", str(mesh.server.state), "--flagged",
                                     "--json", "--limit", "100").stdout)
     flags = {record["serial"]: record["flags"] for record in flagged}
@@ -234,7 +253,7 @@ def test_steady_population_then_each_anomaly_raises_exactly_its_alert_and_policy
     assert flags[serial_of(replayed)] == ["csr_replay"]
     assert flags[serial_of(moved)] == ["new_network"]
     assert flags[serial_of(on_node_b)] == ["new_node"]
-    assert sorted(flag for record in flagged for flag in record["flags"]) == sorted(injected)
+    assert sorted(flag for record in flagged for flag in record["flags"]) == sorted(issued_alerts)
     for line in lines:
         assert line["serial"] in flags and line["signal"] in flags[line["serial"]]
 
