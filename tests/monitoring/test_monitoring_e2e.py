@@ -2,12 +2,14 @@
 loopback, TokenReview against a local HTTPS API server, the node authorizer
 on a pod file): a steady population renewing raises nothing over a measured
 period; each injected anomaly (burst, key reuse across two identities, a
-replayed CSR, a new source network, a new node, a node agent's fan-out) raises exactly
-its alert, flags the certificate that raised it and moves its subject's
-score, which then decays; so does each refusal signal (a node agent asking
-for a pod not on its node, bad tokens from one address), without a flag.
-The opt-in risk policy acts on a high-risk identity's next request (a fresh TokenReview and a shortened TTL on one
-signer, PERMISSION_DENIED on the other) and stops once the score decays.
+replayed CSR, a new source network, a new node, a node agent's fan-out)
+raises exactly its alert, flags the certificate that raised it and moves its subject's
+score, which then decays; so do a TTL far above the identity's norm and each
+refusal signal (a node agent asking for a pod not on its node, bad tokens
+from one address), the refusals without a flag. The opt-in risk policy acts
+on a high-risk identity's next request (a fresh TokenReview and a shortened
+TTL on one signer, PERMISSION_DENIED on the other) and stops once the score
+decays.
 
 The monitor's windows are scaled down from hours to seconds in the
 configuration, so the whole story takes about a minute of real time."""
@@ -64,12 +66,12 @@ class Mesh:
         return AgentClient(f"localhost:{port or self.server.ports['grpc']}", self.root, token=bearer)
 
     def issue(self, name: str, *, bearer: str | None = None, key=None, csr: bytes | None = None,
-              port: int | None = None, cert_signer: str = "") -> list[str]:
+              port: int | None = None, cert_signer: str = "", ttl: int = TTL) -> list[str]:
         identity = spiffe(name)
         if csr is None:
             csr, key = csr_for(identity, key)
         self.keys[name] = key
-        return self.client(bearer or token(name), port).create_certificate(csr, ttl=TTL, cert_signer=cert_signer)
+        return self.client(bearer or token(name), port).create_certificate(csr, ttl=ttl, cert_signer=cert_signer)
 
     def bulk(self, bearer: str, csrs: list[bytes]) -> list[list[str]]:
         """One BulkCertificateService call; the chains, every element issued."""
@@ -224,6 +226,10 @@ def test_steady_population_then_each_anomaly_raises_exactly_its_alert_and_policy
         mesh.impersonate(name)
     counts = mesh.wait_for_alert("fan_out", counts)
 
+    # --- a TTL far above the identity's norm (a day against an hour)
+    stretched = mesh.issue("app-2", ttl=86_400)
+    counts = mesh.wait_for_alert("ttl_outlier", counts)
+
     # --- refusals, which never reach the audit log: observed by the refusing process
     # ztunnel asks for an identity with no pod on its node: refused, and an alert.
     with pytest.raises(grpc.RpcError) as refused:
@@ -239,7 +245,7 @@ def test_steady_population_then_each_anomaly_raises_exactly_its_alert_and_policy
 
     # Each alert: one log line naming its signal, and a flag on the certificate that raised it.
     lines = mesh.alert_lines()
-    issued_alerts = ["burst", "key_reuse", "csr_replay", "new_network", "new_node", "fan_out"]
+    issued_alerts = ["burst", "key_reuse", "csr_replay", "new_network", "new_node", "fan_out", "ttl_outlier"]
     assert sorted(line["signal"] for line in lines) == sorted([*issued_alerts, "node_impersonation", "auth_failures"])
     refusal_lines = [line for line in lines if line["signal"] in ("node_impersonation", "auth_failures")]
     assert [line["serial"] for line in refusal_lines] == ["", ""]                # no certificate: nothing to flag
@@ -253,13 +259,15 @@ def test_steady_population_then_each_anomaly_raises_exactly_its_alert_and_policy
     assert flags[serial_of(replayed)] == ["csr_replay"]
     assert flags[serial_of(moved)] == ["new_network"]
     assert flags[serial_of(on_node_b)] == ["new_node"]
+    assert flags[serial_of(stretched)] == ["ttl_outlier"]
     assert sorted(flag for record in flagged for flag in record["flags"]) == sorted(issued_alerts)
     for line in lines:
         assert line["serial"] in flags and line["signal"] in flags[line["serial"]]
 
     # Every subject's score moved; `fastca risk` derives the same from the log.
     subjects = {"burst": spiffe("app-0"), "key_reuse": spiffe("app-1"), "csr_replay": spiffe("app-3"),
-                "new_network": spiffe("app-4"), "new_node": spiffe("app-6"), "fan_out": f"{ZTUNNEL}@{NODE}"}
+                "new_network": spiffe("app-4"), "new_node": spiffe("app-6"), "fan_out": f"{ZTUNNEL}@{NODE}",
+                "ttl_outlier": spiffe("app-2")}
     for signal, subject in subjects.items():
         explained = mesh.risk(subject)
         assert explained["score"] > 0 and signal in [s["signal"] for s in explained["signals"]], (signal, explained)
