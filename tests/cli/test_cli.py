@@ -121,3 +121,21 @@ def test_risk_and_flagged_on_a_log_without_alerts(state, tmp_path):
     empty.mkdir()
     refused = run_fastca("risk", "--state", str(empty), check=False)
     assert refused.returncode != 0 and "no audit log" in refused.stderr
+
+
+@pytest.mark.parametrize(("monitoring", "message"), [
+    ({"policy": {"default": {"actions": ["refuse"]}}}, "set [monitoring] enabled = true"),
+    ({"enabled": True, "policy": {"payments": {"actions": ["refuse"]}}}, "names no configured signer: payments"),
+    ({"enabled": True, "policy": {"default": {"actions": ["quarantine"]}}}, "monitoring.policy.default.actions"),
+])
+def test_serve_refuses_a_risk_policy_it_cannot_apply(tmp_path, monitoring, message):
+    import tomllib
+
+    import tomli_w
+
+    state = tmp_path / "state"
+    run_fastca("init", "--state", str(state))
+    config = state / "fastca.toml"
+    config.write_text(tomli_w.dumps({**tomllib.loads(config.read_text()), "monitoring": monitoring}))
+    refused = run_fastca("serve", "--state", str(state), "--listen", "127.0.0.1:0", "--workers", "1", check=False)
+    assert refused.returncode != 0 and message in refused.stderr, refused.stderr
